@@ -1,0 +1,1 @@
+"""Structure data: readers, the embedded devset, transforms to periodic graphs, collate."""

@@ -1,0 +1,1 @@
+"""Lightning integration: the data module and the training callbacks."""

@@ -1,0 +1,1 @@
+"""Encoders, output heads, losses and task modules."""
