@@ -1,1 +1,14 @@
-"""Encoders, output heads, losses and task modules."""
+"""Encoders, output heads, losses and task modules.
+
+Encoders are importable from here under their upstream path
+(``matsciml.models.PLEGNNBackbone``); tasks live in :mod:`matsciml.models.base`.
+"""
+
+from __future__ import annotations
+
+from matsciml.models.egnn import PLEGNNBackbone
+from matsciml.models.embeddings import Embeddings
+from matsciml.models.encoders import ENCODERS, get_encoder_class
+from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
+
+__all__ = ["PLEGNNBackbone", "E3NNEncoder", "NequIPEncoder", "Embeddings", "ENCODERS", "get_encoder_class"]
