@@ -10,5 +10,28 @@ from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.embeddings import Embeddings
 from matsciml.models.encoders import ENCODERS, get_encoder_class
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
+from matsciml.models.heads import OutputHead
+from matsciml.models.tasks import (
+    TASKS,
+    BaseTaskModule,
+    BinaryClassificationTask,
+    ForceRegressionTask,
+    ScalarRegressionTask,
+    get_task_class,
+)
 
-__all__ = ["PLEGNNBackbone", "E3NNEncoder", "NequIPEncoder", "Embeddings", "ENCODERS", "get_encoder_class"]
+__all__ = [
+    "PLEGNNBackbone",
+    "E3NNEncoder",
+    "NequIPEncoder",
+    "Embeddings",
+    "ENCODERS",
+    "get_encoder_class",
+    "OutputHead",
+    "TASKS",
+    "get_task_class",
+    "BaseTaskModule",
+    "ScalarRegressionTask",
+    "BinaryClassificationTask",
+    "ForceRegressionTask",
+]

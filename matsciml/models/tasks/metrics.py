@@ -1,0 +1,146 @@
+"""The metrics a task logs, kept as ``torchmetrics`` objects so they reduce exactly.
+
+Each metric accumulates sums and counts over an epoch (and across ranks when Lightning
+syncs it), so an epoch value is the mean over every sample of the epoch, not a mean of
+per-batch means: batches of 3 and 5 samples give the MAE over all 8.
+
+Names, for ``split`` in ``train``, ``val``, ``test`` and each task key ``key``:
+
+========================== ===========================================================
+``<split>_loss``           total loss (scaled sum over keys, normalised units), mean
+                           over batches weighted by the number of structures
+``<split>_total``          the same number (upstream name)
+``<split>_<key>``          loss of ``key`` in normalised units, weighted by the number
+                           of target elements (structures, or atoms x 3 for forces)
+``<split>_<key>_mae``      mean absolute error in data units, over every element
+                           (forces: every component of every atom) -- regression keys
+``<split>_<key>_accuracy`` fraction of correct labels at probability 0.5 -- binary keys
+========================== ===========================================================
+
+Training metrics are logged per step and per epoch (Lightning appends ``_step`` /
+``_epoch`` in the logger; callbacks see the plain name); validation and test metrics per
+epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanAbsoluteError, Metric
+from torchmetrics.classification import BinaryAccuracy
+
+from matsciml.models.losses import finite_pairs
+
+__all__ = ["TaskMetrics", "WeightedMean", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+REGRESSION = "regression"
+BINARY = "binary"
+
+
+class WeightedMean(Metric):
+    """Weighted mean ``sum(w * x) / sum(w)`` over an epoch, summed across ranks.
+
+    NaN values propagate (a NaN loss should be seen). Written out because
+    ``torchmetrics.WeightedMean()`` drops the weights.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: float = 1.0) -> None:
+        """Add ``value`` (a scalar tensor) with weight ``weight``."""
+        value = torch.as_tensor(value).detach().to(device=self.total.device, dtype=torch.float64)
+        self.total += value.sum() * float(weight)
+        self.weight += float(weight) * value.numel()
+
+    def compute(self) -> torch.Tensor:
+        """The weighted mean (NaN when nothing was added)."""
+        return self.total / self.weight
+
+
+class TaskMetrics(nn.Module):
+    """The metric objects of one task, per split.
+
+    Parameters
+    ----------
+    kinds
+        ``{task_key: "regression" | "binary"}`` in logging order.
+    splits
+        Splits to create metrics for, default ``("train", "val", "test")``.
+    """
+
+    def __init__(self, kinds: Mapping[str, str], splits: Iterable[str] = SPLITS) -> None:
+        super().__init__()
+        self.kinds = dict(kinds)
+        self.splits = tuple(splits)
+        store: dict[str, Metric] = {}
+        for split in self.splits:
+            store[f"{split}_loss"] = WeightedMean()
+            store[f"{split}_total"] = WeightedMean()
+            for key, kind in self.kinds.items():
+                store[f"{split}_{key}"] = WeightedMean()
+                if kind == REGRESSION:
+                    store[f"{split}_{key}_mae"] = MeanAbsoluteError()
+                elif kind == BINARY:
+                    store[f"{split}_{key}_accuracy"] = BinaryAccuracy()
+                else:
+                    raise ValueError(f"metric kind {kind!r} of {key!r} must be 'regression' or 'binary'")
+        self.store = nn.ModuleDict(store)
+
+    def update(self, split: str, result: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Metric]:
+        """Add one batch to the metrics of ``split`` and return the metrics to log.
+
+        Parameters
+        ----------
+        split
+            ``"train"``, ``"val"`` or ``"test"``. Training metrics are called (so their
+            per-step value is available); the others are only updated.
+        result
+            The output of ``compute_losses``: ``loss``, ``per_key``, ``counts``,
+            ``predictions`` (data units; probabilities for binary keys), ``batch_size``.
+        targets
+            ``{key: target}`` in data units (the batch's ``targets``).
+
+        Returns
+        -------
+        dict
+            ``{name: metric}`` for ``LightningModule.log``.
+        """
+        call = split == "train"
+        logged: dict[str, Metric] = {}
+
+        def add(name: str, *args: torch.Tensor, **kwargs: torch.Tensor) -> None:
+            metric = self.store[name]
+            if call:
+                metric(*args, **kwargs)
+            else:
+                metric.update(*args, **kwargs)
+            logged[name] = metric
+
+        batch_size = float(result["batch_size"])
+        loss = result["loss"].detach()
+        add(f"{split}_loss", loss, batch_size)
+        add(f"{split}_total", loss, batch_size)
+        counts = result.get("counts", {})
+        for key, kind in self.kinds.items():
+            value = result["per_key"][key].detach()
+            count = counts.get(key, batch_size)
+            if count:
+                add(f"{split}_{key}", value, float(count))
+            pred = result["predictions"][key].detach().reshape(-1)
+            pred, target, n = finite_pairs(pred, targets[key].reshape(-1).to(pred.dtype))
+            if n == 0:
+                continue
+            if kind == REGRESSION:
+                add(f"{split}_{key}_mae", pred, target)
+            else:
+                add(f"{split}_{key}_accuracy", pred, target.long())
+        return logged
