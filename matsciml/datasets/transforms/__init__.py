@@ -1,0 +1,12 @@
+"""Dataset transforms: periodic neighbour lists and graph construction.
+
+A transform is a callable ``sample -> sample`` (see :mod:`matsciml.datasets.schema`),
+applied in list order by the dataset.
+"""
+
+from __future__ import annotations
+
+from matsciml.datasets.transforms.graph import PointCloudToGraphTransform
+from matsciml.datasets.transforms.periodic import PeriodicPropertiesTransform
+
+__all__ = ["PeriodicPropertiesTransform", "PointCloudToGraphTransform"]
