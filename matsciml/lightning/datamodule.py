@@ -1,0 +1,589 @@
+"""``MatSciMLDataModule``: datasets from paths or the devset, seeded splits, resumable training order.
+
+Example YAML (a dataset config of the experiment runner)::
+
+    dataset: StructureDataset
+    debug: {batch_size: 4, num_workers: 0}
+    experiment:
+      train_path: /data/lips/train.extxyz
+      val_split: 0.1              # a fraction of train_path, or a path of its own
+      test_split: /data/lips/test.extxyz
+      batch_size: 32
+      num_workers: 8
+      seed: 1234
+    target_keys: [energy, forces]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
+
+from matsciml.common.config import instantiate, resolve_class
+from matsciml.common.errors import ConfigError
+from matsciml.lightning.loaders import ResumableDataLoader
+
+__all__ = ["MatSciMLDataModule", "fractional_split", "default_transforms", "DEFAULT_SEED", "DEFAULT_DATASET"]
+
+#: Seed used for splits and the training order when ``seed=None``.
+DEFAULT_SEED = 0
+#: Dataset class used when ``dataset`` is not given.
+DEFAULT_DATASET = "StructureDataset"
+_RESERVED = ("train", "val", "test", "predict")
+
+
+def default_transforms() -> list:
+    """The transforms used when ``dset_kwargs`` gives none.
+
+    ``[PeriodicPropertiesTransform(cutoff_radius=6.0, adaptive_cutoff=True),
+    PointCloudToGraphTransform("pyg")]``: a periodic radius graph (6 Å, widened
+    where a structure would have isolated atoms) as a PyG ``Data``.
+    """
+    from matsciml.datasets.transforms import PeriodicPropertiesTransform, PointCloudToGraphTransform
+
+    return [PeriodicPropertiesTransform(cutoff_radius=6.0, adaptive_cutoff=True), PointCloudToGraphTransform("pyg")]
+
+
+def fractional_split(num_items: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Split ``range(num_items)`` into train / val / test index lists.
+
+    A permutation is drawn with ``torch.randperm(num_items,
+    generator=torch.Generator().manual_seed(seed))``; its first ``n_val`` entries
+    are the validation set, the next ``n_test`` the test set and the rest the
+    training set, where ``n = floor(fraction * num_items + 0.5)``. Each list is
+    returned sorted (file order).
+
+    Parameters
+    ----------
+    num_items
+        Number of records.
+    val_fraction, test_fraction
+        Fractions in ``[0, 1)``; their sum must leave at least one training record.
+    seed
+        Seed of the permutation.
+
+    Returns
+    -------
+    dict[str, list[int]]
+        ``{"train": [...], "val": [...], "test": [...]}``: disjoint, covering
+        ``range(num_items)``.
+
+    Raises
+    ------
+    ConfigError
+        The fractions leave no training record, or a non-zero fraction selects none.
+    """
+    counts = {}
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        count = int(math.floor(fraction * num_items + 0.5))
+        if fraction > 0 and count == 0:
+            raise ConfigError(
+                f"{name}_split={fraction!r} of {num_items} records selects no record; "
+                f"give a fraction of at least {1 / num_items:.3g} or a path"
+            )
+        counts[name] = count
+    if counts["val"] + counts["test"] >= num_items:
+        raise ConfigError(
+            f"val_split={val_fraction!r} and test_split={test_fraction!r} of {num_items} records leave no "
+            "training record; lower the fractions"
+        )
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    n_val, n_test = counts["val"], counts["test"]
+    return {
+        "train": sorted(order[n_val + n_test :]),
+        "val": sorted(order[:n_val]),
+        "test": sorted(order[n_val : n_val + n_test]),
+    }
+
+
+def _parse_split(value: Any, name: str) -> float | Path | None:
+    """A split argument as a fraction in (0, 1), a path, or ``None`` (no split)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: give a fraction in [0, 1) or a path")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return Path(value).expanduser()
+    if isinstance(value, (int, float)):
+        fraction = float(value)
+        if fraction == 0.0:
+            return None
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(f"{name}={value!r}: a fraction must lie in [0, 1); give a path for a separate file")
+        return fraction
+    if isinstance(value, os.PathLike):
+        return Path(value)
+    raise ConfigError(f"{name}={value!r} ({type(value).__name__}): give a fraction in [0, 1) or a path")
+
+
+def _names_parameter(func: Any, name: str) -> bool:
+    """Whether ``func``'s signature names the parameter ``name`` (``**kwargs`` does not count)."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """Plain-data copy of a hyperparameter; objects are recorded by their class's import path."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    cls = value if isinstance(value, type) else type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _base(dataset: Any) -> Any:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _resolve_dataset_class(dataset: str | type) -> type:
+    if isinstance(dataset, type):
+        return dataset
+    if "." in dataset:
+        return resolve_class(dataset, "dataset")
+    try:
+        from matsciml.datasets.registry import get_dataset_class
+    except ImportError as err:
+        raise ConfigError(
+            f"dataset={dataset!r}: the dataset registry cannot be imported ({err}); "
+            "pass a dataset class, an import path or an instance"
+        ) from err
+    return get_dataset_class(dataset)
+
+
+class MatSciMLDataModule(LightningDataModule):
+    """Datasets, splits and loaders for training on structures.
+
+    ``setup`` (any stage; idempotent) builds every dataset once: the training set
+    from ``train_path`` (or the devset, or the given instance), the validation and
+    test sets as fractions of it or from their own paths, the prediction set and
+    the named ``extra_datasets``. When target keys are known, every dataset is
+    checked with :func:`matsciml.datasets.validation.validate_dataset` (a
+    ``StructureDataset`` built with the keys checks itself at construction and is
+    not checked twice), so bad records fail before the first step.
+
+    **Splits.** Fractions are cut from one permutation drawn with
+    ``torch.Generator().manual_seed(seed)`` (:func:`fractional_split`): the same
+    seed gives the same split on every run and every rank; ``seed=None`` means
+    :data:`DEFAULT_SEED` (0), not a random or global seed.
+
+    **Training order.** The training loader is a
+    :class:`~matsciml.lightning.loaders.ResumableDataLoader`: the order of epoch
+    ``e`` is a function of ``(seed, e)`` only. Under a multi-process strategy each
+    rank takes its strided share of the same permutation, padded like
+    :class:`~torch.utils.data.DistributedSampler`; the sampler derives from that
+    class, so Lightning keeps it whether or not ``use_distributed_sampler`` is set.
+    The loader's state is stored in checkpoints and a resumed run, from any
+    checkpoint, sees exactly the batches an uninterrupted run would. Loaders never
+    draw from the global torch RNG.
+
+    Parameters
+    ----------
+    dataset
+        Dataset class name in the registry (``"StructureDataset"``), an import path,
+        a dataset class, or a dataset instance (used as the training set when
+        ``train_path`` is not given; its class builds the datasets read from paths).
+        Default ``None`` means ``"StructureDataset"``.
+    train_path
+        File or folder of the training set.
+    batch_size
+        Structures per batch, default 32.
+    num_workers
+        Loader worker processes, default 0.
+    val_split, test_split
+        A fraction in ``[0, 1)`` of the training set, or a path (a string that
+        parses as a number is a fraction; ``""``, ``None`` and ``0`` mean none).
+        Default 0.0.
+    seed
+        Seed of the splits and of the training order; ``None`` means 0.
+    dset_kwargs
+        Keyword arguments of the dataset class (``transforms``, ``on_invalid``, ...).
+        Values may be YAML-style specs (``class_path`` / ``init_args``); they are
+        instantiated. Without ``transforms`` (absent or ``None``) the datasets use
+        :func:`default_transforms`; ``transforms: []`` means none.
+    persistent_workers
+        Keep workers between epochs; ``None`` means ``num_workers > 0``.
+    target_keys
+        Labels the datasets must carry (``["energy", "forces"]``); when ``None``,
+        ``dset_kwargs["target_keys"]`` or the training set's ``target_keys``
+        attribute is used. Known keys trigger validation at ``setup``. They are
+        also passed to dataset classes whose constructor takes ``target_keys``
+        (unless ``dset_kwargs`` sets it), so ``dset_kwargs: {on_invalid: drop}``
+        drops the records that lack them.
+    predict_split
+        Dataset of ``predict_dataloader``: a name in :attr:`datasets` or a path.
+        ``None`` uses the test set.
+    extra_datasets
+        ``{name: path}``: more datasets built like the others, reachable as
+        ``datasets[name]`` and through :meth:`eval_dataloader` (e.g. for inference
+        callbacks).
+    collate_fn
+        Batch collation; ``None`` uses the dataset's ``collate_fn`` attribute if it
+        has one, otherwise :func:`matsciml.datasets.collate.collate_samples`.
+    shuffle
+        Shuffle the training order each epoch (default ``True``).
+    drop_last
+        Drop the last incomplete training batch (default ``False``).
+    pin_memory
+        Passed to the loaders (default ``False``).
+
+    Raises
+    ------
+    ConfigError
+        Bad argument values (at construction); a missing file, an unknown dataset
+        name, or fractions without a training set (at ``setup``).
+    matsciml.common.errors.DataError
+        A record fails validation (at ``setup``).
+
+    Example::
+
+        dm = MatSciMLDataModule(
+            dataset="StructureDataset",
+            train_path="lips.extxyz",
+            val_split=0.2,
+            batch_size=8,
+            dset_kwargs={"transforms": [PeriodicPropertiesTransform(5.0), PointCloudToGraphTransform("pyg")]},
+        )
+        trainer.fit(task, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        dataset: str | type | Any | None = None,
+        train_path: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_split: float | str | os.PathLike | None = 0.0,
+        test_split: float | str | os.PathLike | None = 0.0,
+        seed: int | None = None,
+        dset_kwargs: dict[str, Any] | None = None,
+        persistent_workers: bool | None = None,
+        target_keys: list[str] | None = None,
+        predict_split: str | os.PathLike | None = None,
+        extra_datasets: Mapping[str, str | os.PathLike] | None = None,
+        collate_fn: Callable | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers={num_workers!r}: give an integer >= 0")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed={seed!r}: give an integer or null")
+        if dset_kwargs is not None and not isinstance(dset_kwargs, Mapping):
+            raise ConfigError(f"dset_kwargs={dset_kwargs!r}: give a mapping of keyword arguments")
+        if isinstance(target_keys, str):
+            target_keys = [target_keys]
+        extra = dict(extra_datasets or {})
+        for name in extra:
+            if name in _RESERVED:
+                raise ConfigError(f"extra_datasets name {name!r} is reserved ({', '.join(_RESERVED)}); rename it")
+        self.dataset = DEFAULT_DATASET if dataset is None else dataset
+        self.train_path = train_path
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_split = _parse_split(val_split, "val_split")
+        self.test_split = _parse_split(test_split, "test_split")
+        self.seed = DEFAULT_SEED if seed is None else seed
+        self.dset_kwargs = dict(dset_kwargs or {})
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else bool(persistent_workers)
+        self.predict_split = predict_split
+        self.extra_datasets = extra
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self._target_keys = list(target_keys) if target_keys is not None else None
+        self._use_devset = False
+        self._datasets: dict[str, Any] | None = None
+        if not isinstance(self.dataset, (str, type)) and self.dset_kwargs and train_path is None:
+            if not any(isinstance(s, Path) for s in (self.val_split, self.test_split)) and not extra:
+                rank_zero_warn("dset_kwargs are ignored: the dataset is an instance and no dataset is read from a path")
+        self.save_hyperparameters(
+            _plain(
+                {
+                    "dataset": self.dataset,
+                    "train_path": train_path,
+                    "batch_size": batch_size,
+                    "num_workers": num_workers,
+                    "val_split": val_split,
+                    "test_split": test_split,
+                    "seed": seed,
+                    "dset_kwargs": self.dset_kwargs,
+                    "persistent_workers": persistent_workers,
+                    "target_keys": self._target_keys,
+                    "predict_split": predict_split,
+                    "extra_datasets": extra,
+                    "shuffle": shuffle,
+                    "drop_last": drop_last,
+                    "pin_memory": pin_memory,
+                }
+            )
+        )
+
+    @classmethod
+    def from_devset(
+        cls, dataset: str | type = DEFAULT_DATASET, dset_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> MatSciMLDataModule:
+        """A data module over the dataset class's embedded devset (``cls.from_devset``).
+
+        Defaults: ``batch_size=8``, ``num_workers=0``, ``persistent_workers=False``;
+        other keyword arguments are those of the constructor (``val_split=0.2``, ...).
+
+        Raises
+        ------
+        ConfigError
+            ``train_path`` is given, or (at ``setup``) the class has no ``from_devset``.
+        """
+        if kwargs.get("train_path") is not None:
+            raise ConfigError("from_devset reads the devset; drop train_path or use the constructor")
+        kwargs.setdefault("batch_size", 8)
+        kwargs.setdefault("num_workers", 0)
+        kwargs.setdefault("persistent_workers", False)
+        module = cls(dataset=dataset, dset_kwargs=dset_kwargs, **kwargs)
+        module._use_devset = True
+        module.hparams["devset"] = True
+        return module
+
+    # ------------------------------------------------------------------ datasets
+    @property
+    def datasets(self) -> Mapping[str, Any]:
+        """Read-only ``{name: dataset}``: ``train``, ``val``, ``test``, ``predict`` (those present) and extras.
+
+        Raises
+        ------
+        RuntimeError
+            Before :meth:`setup`.
+        """
+        if self._datasets is None:
+            raise RuntimeError("MatSciMLDataModule.datasets is filled by setup(); call dm.setup() first")
+        return MappingProxyType(self._datasets)
+
+    @property
+    def splits(self) -> dict[str, Any]:
+        """``{"train"|"val"|"test": dataset}`` of the splits present (the upstream attribute)."""
+        return {k: v for k, v in self.datasets.items() if k in ("train", "val", "test")}
+
+    @property
+    def target_keys(self) -> list[str] | None:
+        """Target keys checked at setup: given, from ``dset_kwargs``, or the training set's attribute."""
+        if self._target_keys is not None:
+            return list(self._target_keys)
+        keys = self.dset_kwargs.get("target_keys")
+        if keys is None and self._datasets is not None and "train" in self._datasets:
+            keys = getattr(_base(self._datasets["train"]), "target_keys", None)
+        if keys is None:
+            return None
+        return [keys] if isinstance(keys, str) else list(keys)
+
+    def _dataset_class(self) -> type:
+        return type(self.dataset) if not isinstance(self.dataset, (str, type)) else _resolve_dataset_class(self.dataset)
+
+    def _dataset_kwargs(self, cls: type) -> dict[str, Any]:
+        kwargs = instantiate(dict(self.dset_kwargs), "dset_kwargs")
+        if kwargs.get("transforms") is None and _names_parameter(cls, "transforms"):
+            kwargs["transforms"] = default_transforms()
+        if self._target_keys is not None and "target_keys" not in kwargs and _names_parameter(cls, "target_keys"):
+            kwargs["target_keys"] = list(self._target_keys)
+        return kwargs
+
+    def _make_dataset(self, path: str | os.PathLike, argument: str) -> Any:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{argument}={os.fspath(path)!r}: no such file or folder; check the path")
+        cls = self._dataset_class()
+        return cls(path, **self._dataset_kwargs(cls))
+
+    def _make_devset(self) -> Any:
+        cls = self._dataset_class()
+        factory = getattr(cls, "from_devset", None)
+        if factory is None:
+            raise ConfigError(f"dataset {cls.__name__} has no from_devset(); give train_path instead")
+        return factory(**self._dataset_kwargs(cls))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build all datasets and splits (once) and validate them when target keys are known."""
+        if self._datasets is not None:
+            return
+        built: dict[str, Any] = {}
+        if self._use_devset:
+            train = self._make_devset()
+        elif self.train_path is not None:
+            train = self._make_dataset(self.train_path, "train_path")
+        elif not isinstance(self.dataset, (str, type)):
+            train = self.dataset
+        else:
+            train = None
+
+        fractions = {
+            name: (split if isinstance(split, float) else 0.0)
+            for name, split in (("val", self.val_split), ("test", self.test_split))
+        }
+        if any(fractions.values()):
+            if train is None:
+                raise ConfigError(
+                    "val_split/test_split are fractions but there is no training set to split; "
+                    "give train_path (or a dataset instance), or paths for the splits"
+                )
+            parts = fractional_split(len(train), fractions["val"], fractions["test"], self.seed)
+            built["train"] = Subset(train, parts["train"])
+            for name, fraction in fractions.items():
+                if fraction:
+                    built[name] = Subset(train, parts[name])
+        elif train is not None:
+            built["train"] = train
+        for name, split in (("val", self.val_split), ("test", self.test_split)):
+            if isinstance(split, Path):
+                built[name] = self._make_dataset(split, f"{name}_split")
+        if self.predict_split is not None:
+            if isinstance(self.predict_split, str) and self.predict_split in built:
+                built["predict"] = built[self.predict_split]
+            elif isinstance(self.predict_split, str) and self.predict_split in self.extra_datasets:
+                pass  # resolved below, once the extras exist
+            else:
+                built["predict"] = self._make_dataset(self.predict_split, "predict_split")
+        for name, path in self.extra_datasets.items():
+            built[name] = self._make_dataset(path, f"extra_datasets[{name!r}]")
+        if self.predict_split in self.extra_datasets:
+            built["predict"] = built[self.predict_split]
+        self._datasets = built
+        self._validate()
+
+    def _validate(self) -> None:
+        keys = self.target_keys
+        if keys is None:
+            return
+        from matsciml.datasets.structure_dataset import StructureDataset
+        from matsciml.datasets.validation import validate_dataset
+
+        seen: set[int] = set()
+        for dataset in self.datasets.values():
+            base = _base(dataset)
+            if id(base) in seen:
+                continue
+            seen.add(id(base))
+            own = getattr(base, "target_keys", None) or []
+            if isinstance(base, StructureDataset) and set(keys) <= set(own):
+                continue  # it validated itself at construction
+            validate_dataset(base, keys)
+
+    # ------------------------------------------------------------------ loaders
+    def _get(self, name: str, hook: str) -> Any:
+        datasets = self.datasets
+        if name not in datasets:
+            present = ", ".join(repr(k) for k in datasets) or "none"
+            raise ConfigError(f"{hook}: there is no {name!r} dataset (present: {present}); configure it")
+        return datasets[name]
+
+    def _collate(self, dataset: Any) -> Callable:
+        if self.collate_fn is not None:
+            return self.collate_fn
+        own = getattr(_base(dataset), "collate_fn", None)
+        if callable(own):
+            return own
+        from matsciml.datasets.collate import collate_samples
+
+        return collate_samples
+
+    def _loader_kwargs(self, dataset: Any) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self._collate(dataset),
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+            "pin_memory": self.pin_memory,
+        }
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled, sharded, resumable loader over the training set (see the class docs)."""
+        if self._datasets is None:
+            self.setup("fit")
+        dataset = self._get("train", "train_dataloader")
+        trainer = self.trainer
+        num_replicas, rank = 1, 0
+        if trainer is not None:
+            sampler_kwargs = trainer.distributed_sampler_kwargs or {}
+            num_replicas = int(sampler_kwargs.get("num_replicas", 1))
+            rank = int(sampler_kwargs.get("rank", 0))
+        loader = ResumableDataLoader(
+            dataset,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            drop_last=self.drop_last,
+            **self._loader_kwargs(dataset),
+        )
+        if trainer is not None:
+            # the epoch Lightning will pass to set_epoch; right even if it asks for an iterator first
+            loader.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            loader.attach_trainer(trainer)
+        return loader
+
+    def eval_dataloader(self, name: str, batch_size: int | None = None) -> DataLoader:
+        """Loader in file order over the dataset ``name`` of :attr:`datasets`.
+
+        Raises
+        ------
+        ConfigError
+            No dataset of that name.
+        """
+        if self._datasets is None:
+            self.setup()
+        dataset = self._get(name, f"eval_dataloader({name!r})")
+        kwargs = self._loader_kwargs(dataset)
+        if batch_size is not None:
+            kwargs["batch_size"] = batch_size
+        return DataLoader(dataset, shuffle=False, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+    def _optional_loader(self, name: str) -> DataLoader | list:
+        if self._datasets is None:
+            self.setup()
+        return self.eval_dataloader(name) if name in self.datasets else []
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Loader over the validation set in file order; ``[]`` (no validation) when there is none."""
+        return self._optional_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Loader over the test set in file order; ``[]`` when there is none."""
+        return self._optional_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Loader over ``predict_split`` (or the test set when it is ``None``).
+
+        Raises
+        ------
+        ConfigError
+            Neither is configured.
+        """
+        if self._datasets is None:
+            self.setup()
+        name = "predict" if "predict" in self.datasets else "test"
+        if name not in self.datasets:
+            raise ConfigError("predict_dataloader: set predict_split (a dataset name or a path) or test_split")
+        return self.eval_dataloader(name)
