@@ -3,11 +3,13 @@
 =========================================== ==============================================
 :class:`ExponentialMovingAverageCallback`   EMA of the weights, used for evaluation and saved
                                             as *the* weights of a checkpoint
+:class:`SAM`                                sharpness-aware minimisation (two-pass update)
 =========================================== ==============================================
 """
 
 from __future__ import annotations
 
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
+from matsciml.lightning.callbacks.sam import SAM
 
-__all__ = ["ExponentialMovingAverageCallback"]
+__all__ = ["ExponentialMovingAverageCallback", "SAM"]
