@@ -1,0 +1,458 @@
+"""Build the data module, the task, the callbacks, the loggers and the trainer from loaded configs.
+
+Every builder checks its config against the signature of what it builds before building
+it, so a misspelled key fails with a :class:`~matsciml.common.errors.ConfigError` naming the
+YAML file, the key path and the closest valid names, before any training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+from matsciml.common.config import check_init_args, instantiate, is_spec, resolve_class
+from matsciml.common.errors import ConfigError, closest
+from matsciml.runner.configs import TRAINER_KEYS, ConfigFile, check_keys, merge_sections
+
+__all__ = [
+    "trainer_arguments",
+    "check_trainer_config",
+    "build_callbacks",
+    "build_loggers",
+    "build_trainer",
+    "build_transforms",
+    "datamodule_arguments",
+    "build_datamodule",
+    "task_class",
+    "task_arguments",
+    "build_task",
+]
+
+#: Trainer arguments given by the runner itself, not by a section of the trainer config.
+_RUNNER_TRAINER_ARGS = ("callbacks", "logger")
+#: Keys of a run-type section of a dataset config that the runner consumes itself.
+_TASK_KEYS_IN_DATA_SECTION = ("normalize_kwargs", "task_loss_scaling")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def trainer_arguments() -> list[str]:
+    """Names of the keyword arguments of ``lightning.pytorch.Trainer``."""
+    from lightning.pytorch import Trainer
+
+    params = inspect.signature(Trainer).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_trainer_config(file: ConfigFile) -> None:
+    """Check the top-level keys and every section's Trainer arguments of a trainer config.
+
+    Raises
+    ------
+    ConfigError
+        An unknown top-level key (a Trainer argument placed at the top level is told to
+        move under ``generic``), an unknown Trainer argument in a section, ``callbacks``
+        or ``loggers`` that is not a list of ``class_path`` specs.
+    """
+    valid = trainer_arguments()
+    for key in file.data:
+        if key not in TRAINER_KEYS:
+            if key in valid:
+                raise ConfigError(
+                    f"{file.where(key)}: Trainer argument {key!r} at the top level; put it under 'generic' "
+                    "(or 'debug'/'experiment')"
+                )
+            check_keys({key: None}, TRAINER_KEYS, file.where())
+    allowed = [n for n in valid if n not in _RUNNER_TRAINER_ARGS]
+    for section in ("generic", "debug", "experiment"):
+        args = file.data.get(section)
+        if args is None:
+            continue
+        if not isinstance(args, dict):
+            raise ConfigError(f"{file.where(section)}: expected a mapping of Trainer arguments")
+        for key in args:
+            if key in _RUNNER_TRAINER_ARGS:
+                raise ConfigError(
+                    f"{file.where(section + '.' + key)}: give {key} as the top-level "
+                    f"'{'loggers' if key == 'logger' else 'callbacks'}' list of class_path specs"
+                )
+            if key not in allowed:
+                raise ConfigError(
+                    f"{file.where(section + '.' + key)}: unknown Trainer argument {key!r}; {closest(key, allowed)}"
+                )
+    for key in ("callbacks", "loggers"):
+        specs = file.data.get(key)
+        if specs is None:
+            continue
+        if not isinstance(specs, list):
+            raise ConfigError(f"{file.where(key)}: expected a list of {{class_path: ..., init_args: {{...}}}}")
+        for i, spec in enumerate(specs):
+            if not (isinstance(spec, dict) and "class_path" in spec):
+                raise ConfigError(
+                    f"{file.where(f'{key}[{i}]')}: expected a mapping with 'class_path' (and 'init_args')"
+                )
+
+
+def _spec_class(spec: dict, where: str) -> type:
+    return resolve_class(spec["class_path"], where)
+
+
+def _with_defaults(spec: dict, defaults: dict[str, Any]) -> dict:
+    spec = copy.deepcopy(spec)
+    init_args = dict(spec.get("init_args") or {})
+    for key, value in defaults.items():
+        if init_args.get(key) is None:
+            init_args[key] = value
+    spec["init_args"] = init_args
+    return spec
+
+
+def build_callbacks(file: ConfigFile, run_dir: str | Path) -> list:
+    """Instantiate the trainer config's ``callbacks`` (in list order).
+
+    A ``ModelCheckpoint`` without ``dirpath`` writes to ``<run_dir>/checkpoints``; when the
+    list has no ``ModelCheckpoint``, one is appended (``save_last=True``) so that every run
+    leaves a checkpoint.
+
+    Raises
+    ------
+    ConfigError
+        A wrong ``class_path`` or an ``init_args`` key the class does not take (the message
+        names ``<file>: callbacks[i]``).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = str(Path(run_dir) / "checkpoints")
+    callbacks = []
+    for i, spec in enumerate(file.data.get("callbacks") or []):
+        where = file.where(f"callbacks[{i}]")
+        cls = _spec_class(spec, where)
+        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+            spec = _with_defaults(spec, {"dirpath": ckpt_dir})
+        callbacks.append(_instantiate(spec, where))
+    if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True))
+    return callbacks
+
+
+def build_loggers(file: ConfigFile, run_dir: str | Path) -> list:
+    """Instantiate the trainer config's ``loggers``.
+
+    A logger whose class takes ``save_dir`` gets the run folder when none is given; a
+    ``CSVLogger`` also defaults to ``name: ''`` and ``version: ''`` so that its file is
+    ``<run_dir>/metrics.csv``. When no ``CSVLogger`` is configured one is added, so the
+    metrics CSV always exists.
+
+    Raises
+    ------
+    ConfigError
+        A wrong ``class_path`` or ``init_args`` key (naming ``<file>: loggers[i]``).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = []
+    for i, spec in enumerate(file.data.get("loggers") or []):
+        where = file.where(f"loggers[{i}]")
+        cls = _spec_class(spec, where)
+        defaults: dict[str, Any] = {}
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            params = {}
+        if "save_dir" in params:
+            defaults["save_dir"] = str(run_dir)
+        if isinstance(cls, type) and issubclass(cls, CSVLogger):
+            init_args = spec.get("init_args") or {}
+            if "name" not in init_args:
+                defaults["name"] = ""
+            if "version" not in init_args:
+                defaults["version"] = ""
+        loggers.append(_instantiate(_with_defaults(spec, defaults) if defaults else spec, where))
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    return loggers
+
+
+def _instantiate(spec: Any, where: str) -> Any:
+    try:
+        return instantiate(spec, where)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the class refused its arguments: one clear line
+        raise ConfigError(f"{where}: {spec.get('class_path', '?')} could not be built: {_one_line(err)}") from None
+
+
+def build_trainer(
+    file: ConfigFile,
+    run_type: str,
+    run_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    loggers: list | None = None,
+):
+    """Build ``lightning.pytorch.Trainer`` from a trainer config.
+
+    Parameters
+    ----------
+    file
+        The trainer config (checked with :func:`check_trainer_config`).
+    run_type
+        ``"debug"`` or ``"experiment"``: the section merged over ``generic``.
+    run_dir
+        The run folder (``default_root_dir``, checkpoints, CSV metrics).
+    extra
+        Arguments the runner sets (e.g. ``inference_mode=False`` for force tasks); they
+        win over the config.
+    callbacks, loggers
+        Already built lists (default: :func:`build_callbacks`, :func:`build_loggers`).
+
+    Raises
+    ------
+    ConfigError
+        Any trainer config problem, or Lightning refusing the merged arguments (e.g.
+        ``accelerator: gpu`` without a GPU), naming the file and the section.
+    """
+    from lightning.pytorch import Trainer
+
+    check_trainer_config(file)
+    kwargs = merge_sections(file, run_type)
+    kwargs.setdefault("default_root_dir", str(run_dir))
+    kwargs.update(extra or {})
+    callbacks = build_callbacks(file, run_dir) if callbacks is None else callbacks
+    loggers = build_loggers(file, run_dir) if loggers is None else loggers
+    try:
+        return Trainer(**kwargs, callbacks=callbacks, logger=loggers)
+    except Exception as err:  # noqa: BLE001 - Lightning's own refusal, as one line with its origin
+        raise ConfigError(
+            f"{file.where(f'generic + {run_type}')}: lightning.pytorch.Trainer refused the arguments "
+            f"{ {k: v for k, v in kwargs.items() if k != 'default_root_dir'} }: {_one_line(err)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_transforms(model: ConfigFile) -> list:
+    """Instantiate the model config's ``transforms`` list (dataset transforms, in order).
+
+    Raises
+    ------
+    ConfigError
+        ``transforms`` is not a list of specs, or a spec is wrong (``<file>: transforms[i]``).
+    """
+    specs = model.data.get("transforms")
+    if specs is None:
+        return []
+    if not isinstance(specs, list):
+        raise ConfigError(f"{model.where('transforms')}: expected a list of {{class_path: ..., init_args: {{...}}}}")
+    out = []
+    for i, spec in enumerate(specs):
+        where = model.where(f"transforms[{i}]")
+        if not is_spec(spec):
+            raise ConfigError(f"{where}: expected a mapping with 'class_path' (and 'init_args')")
+        out.append(_instantiate(spec, where))
+    return out
+
+
+def datamodule_arguments() -> list[str]:
+    """Keyword arguments of :class:`matsciml.lightning.MatSciMLDataModule`."""
+    from matsciml.lightning.datamodule import MatSciMLDataModule
+
+    params = inspect.signature(MatSciMLDataModule).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _dataset_class(dataset: ConfigFile) -> Any:
+    from matsciml.datasets import registry
+
+    name = dataset.data.get("dataset")
+    if not name or not isinstance(name, str):
+        raise ConfigError(
+            f"{dataset.where('dataset')}: missing; name the dataset class, e.g. dataset: StructureDataset"
+        )
+    try:
+        return registry.get_dataset_class(name)
+    except ConfigError as err:
+        raise ConfigError(f"{dataset.where('dataset')}: {_one_line(err)}") from None
+    except (KeyError, ValueError, AttributeError):
+        names = list(getattr(registry, "available_datasets", lambda: [])())
+        raise ConfigError(
+            f"{dataset.where('dataset')}: unknown dataset class {name!r}; {closest(name, names)}"
+        ) from None
+
+
+def datamodule_arguments_from(dataset: ConfigFile, run_type: str) -> tuple[dict, dict, bool]:
+    """Split the run-type section of a dataset config.
+
+    Returns
+    -------
+    tuple
+        ``(data module kwargs, task kwargs found in the section, use the bundled devset)``.
+    """
+    section = merge_sections(dataset, run_type, generic=None)
+    task_kwargs = {k: section.pop(k) for k in _TASK_KEYS_IN_DATA_SECTION if k in section}
+    use_devset = bool(section.pop("devset", False))
+    # Upstream templates leave unused paths as '' ("not given").
+    section = {k: v for k, v in section.items() if not (isinstance(v, str) and v == "")}
+    if run_type == "debug" and "train_path" not in section:
+        use_devset = True
+    if not use_devset and "train_path" not in section:
+        raise ConfigError(
+            f"{dataset.where(run_type + '.train_path')}: missing or empty; set it to the training data, "
+            "set 'devset: true' in that section to train on the bundled devset, or run with --debug"
+        )
+    return section, task_kwargs, use_devset
+
+
+def build_datamodule(
+    dataset: ConfigFile,
+    model: ConfigFile,
+    run_type: str,
+    targets: list[str],
+    seed: int | None = None,
+):
+    """Build :class:`~matsciml.lightning.MatSciMLDataModule` from a dataset config and a model config.
+
+    The run-type section (``debug``/``experiment``) gives the data module's arguments;
+    the model config's ``transforms`` become ``dset_kwargs['transforms']``. In debug mode
+    the bundled devset is used (``MatSciMLDataModule.from_devset``) unless the section
+    gives a ``train_path``; in experiment mode a section with ``devset: true`` does the same.
+
+    Raises
+    ------
+    ConfigError
+        Unknown top-level key or data module argument, an unknown dataset class, a
+        missing ``train_path``.
+    """
+    from matsciml.lightning.datamodule import MatSciMLDataModule
+    from matsciml.runner.configs import DATASET_KEYS
+
+    check_keys(dataset.data, DATASET_KEYS, dataset.where())
+    cls = _dataset_class(dataset)
+    kwargs, _, use_devset = datamodule_arguments_from(dataset, run_type)
+    valid = [n for n in datamodule_arguments() if n not in ("dataset", "target_keys")]
+    if use_devset:
+        valid = [n for n in valid if n != "train_path"]
+    check_keys(kwargs, valid, dataset.where(run_type), "data module argument")
+    dset_kwargs = dict(kwargs.pop("dset_kwargs", None) or {})
+    transforms = build_transforms(model)
+    if transforms:
+        if dset_kwargs.get("transforms"):
+            raise ConfigError(
+                f"{dataset.where(run_type + '.dset_kwargs.transforms')}: transforms belong in the model config "
+                f"({model.path}), which already lists them"
+            )
+        dset_kwargs["transforms"] = transforms
+    if seed is not None:
+        kwargs.setdefault("seed", seed)
+    kwargs["target_keys"] = list(targets)
+    try:
+        if use_devset:
+            return MatSciMLDataModule.from_devset(cls, dset_kwargs=dset_kwargs, **kwargs)
+        return MatSciMLDataModule(dataset=cls, dset_kwargs=dset_kwargs, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{dataset.where(run_type)}: {_one_line(err)}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{dataset.where(run_type)}: the data module refused its arguments: {_one_line(err)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- task
+
+
+def task_class(name: str, where: str = "") -> type:
+    """The task class ``matsciml.models.base.<name>``."""
+    import matsciml.models.base as base
+
+    cls = getattr(base, name, None)
+    if cls is None:
+        names = [n for n in dir(base) if n.endswith("Task")]
+        raise ConfigError(f"{where}: unknown task {name!r}; {closest(name, names)}")
+    return cls
+
+
+def _task_parameters(cls: type) -> list[str]:
+    params = inspect.signature(cls).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def task_arguments(
+    cls: type, model: ConfigFile, dataset: ConfigFile, run_type: str, targets: list[str]
+) -> dict[str, Any]:
+    """Collect the task's keyword arguments (plain YAML data, nothing instantiated).
+
+    Model config keys other than ``transforms`` are task arguments; the dataset config's
+    ``task_args`` (and ``normalize_kwargs``/``task_loss_scaling`` in its run-type section)
+    are merged over them; ``task_keys`` are the experiment's targets.
+
+    Raises
+    ------
+    ConfigError
+        A key the task does not take (naming the model or dataset file), or an
+        ``encoder_kwargs`` key the encoder class does not take.
+    """
+    valid = _task_parameters(cls)
+    kwargs = {k: copy.deepcopy(v) for k, v in model.data.items() if k != "transforms"}
+    check_keys(kwargs, [*valid, "transforms"], model.where(), "model config key (task argument)")
+    task_args = dataset.data.get("task_args") or {}
+    if not isinstance(task_args, dict):
+        raise ConfigError(f"{dataset.where('task_args')}: expected a mapping of task arguments")
+    check_keys(task_args, valid, dataset.where("task_args"), "task argument")
+    kwargs.update(copy.deepcopy(task_args))
+    _, section_task_args, _ = datamodule_arguments_from(dataset, run_type)
+    kwargs.update(section_task_args)
+    kwargs["task_keys"] = list(targets)
+    _check_encoder(kwargs, model)
+    return kwargs
+
+
+def _check_encoder(kwargs: dict[str, Any], model: ConfigFile) -> None:
+    spec = kwargs.get("encoder_class")
+    if spec is None:
+        return
+    path = spec.get("class_path") if isinstance(spec, dict) else spec
+    if isinstance(spec, dict):
+        check_keys(spec, ("class_path", "init_args"), model.where("encoder_class"))
+    if not isinstance(path, str):
+        raise ConfigError(f"{model.where('encoder_class')}: expected {{class_path: <module.Class>}} or a dotted path")
+    cls = resolve_class(path, model.where("encoder_class.class_path"))
+    enc_kwargs = kwargs.get("encoder_kwargs") or {}
+    if not isinstance(enc_kwargs, dict):
+        raise ConfigError(f"{model.where('encoder_kwargs')}: expected a mapping of encoder arguments")
+    init_args = dict(spec.get("init_args") or {}) if isinstance(spec, dict) else {}
+    init_args.update(enc_kwargs)
+    check_init_args(cls, init_args, model.where("encoder_kwargs"))
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    missing = [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in init_args
+    ]
+    if missing:
+        raise ConfigError(
+            f"{model.where('encoder_kwargs')}: {cls.__name__} needs {len(missing)} more argument(s): "
+            f"{', '.join(missing)}"
+        )
+
+
+def build_task(cls: type, kwargs: dict[str, Any], model: ConfigFile):
+    """Instantiate the task; a refusal by the task or its encoder becomes a :class:`ConfigError`."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{model.where()}: {_one_line(err)}") from None
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{model.where()}: {cls.__name__} could not be built: {_one_line(err)}") from None

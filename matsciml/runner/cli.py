@@ -1,0 +1,162 @@
+"""Command line of the experiment runner (``matsciml-train``, ``experiments/training_script.py``).
+
+Usage::
+
+    matsciml-train -e experiments/configs/experiments/devset_energy.yaml \\
+        [-t TRAINER] [-m MODELS] [-d DATASETS] [--debug] [-c dataset.debug.batch_size.16 ...] \\
+        [--seed 0] [--run_dir DIR | --log_dir DIR]
+    matsciml-train -o            # list models, datasets, targets and tasks
+
+Configuration mistakes end the program with one line ``error: ...`` on stderr and exit
+status 2; see ``docs/runner.rst``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from matsciml.common.errors import ConfigError, DataError
+
+__all__ = ["build_parser", "main", "format_options"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="matsciml-train",
+        description="Train a matsciml task from experiment, trainer, model and dataset YAML configs.",
+    )
+    parser.add_argument("-e", "--experiment_config", type=Path, help="experiment config YAML (model, dataset, task)")
+    parser.add_argument(
+        "-t",
+        "--trainer_config",
+        type=Path,
+        default=None,
+        help="trainer config YAML, or a folder holding one (default: experiments/configs/trainer)",
+    )
+    parser.add_argument(
+        "-m",
+        "--model_config",
+        type=Path,
+        default=None,
+        help="model config YAML or folder of them, registered by file stem (default: experiments/configs/models)",
+    )
+    parser.add_argument(
+        "-d",
+        "--dataset_config",
+        type=Path,
+        default=None,
+        help="dataset config YAML or folder of them, registered by file stem (default: experiments/configs/datasets)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="use the 'debug' sections of the trainer and dataset configs and the bundled devset",
+    )
+    parser.add_argument(
+        "-c",
+        "--cli_args",
+        nargs="+",
+        default=None,
+        metavar="CONFIG.KEY.VALUE",
+        help="override single values, e.g. dataset.debug.batch_size.16 trainer.generic.max_epochs.3 model.lr.0.001",
+    )
+    parser.add_argument(
+        "-o",
+        "--options",
+        action="store_true",
+        help="print the available models, datasets, targets and tasks, then exit",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="global seed (overrides 'seed:' of the experiment config)"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--run_dir", type=Path, default=None, help="exact run folder (must be new or empty)")
+    group.add_argument(
+        "--log_dir",
+        type=Path,
+        default=None,
+        help="parent of run folders (default: experiments/logs); the run goes to <log_dir>/<experiment>/<time>",
+    )
+    return parser
+
+
+def format_options(model_path: Path | None = None, dataset_path: Path | None = None) -> str:
+    """The ``-o`` listing: models, datasets with their ``target_keys``, and tasks."""
+    from matsciml.runner.configs import SUPPORTED_TASKS, TASK_ALIASES, default_config_path, load_registry
+
+    model_path = model_path or default_config_path("models")
+    dataset_path = dataset_path or default_config_path("datasets")
+    models = load_registry(model_path, "model")
+    datasets = load_registry(dataset_path, "dataset")
+    lines = [f"Models ({model_path}):"]
+    lines += [f"  {name:<20s} {file.path}" for name, file in sorted(models.items())]
+    lines += ["", f"Datasets and their targets ({dataset_path}):"]
+    for name, file in sorted(datasets.items()):
+        targets = file.data.get("target_keys") or []
+        cls = file.data.get("dataset", "?")
+        lines.append(f"  {name:<20s} {cls}: {', '.join(map(str, targets)) or '(no target_keys listed)'}")
+    aliases = ", ".join(f"{old} = {new}" for old, new in TASK_ALIASES.items())
+    lines += ["", "Tasks:", "  " + ", ".join(SUPPORTED_TASKS), f"  (older names: {aliases})"]
+    return "\n".join(lines)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns
+    -------
+    RunResult or int or None
+        With ``argv`` given: the :class:`~matsciml.runner.experiment.RunResult` of the run
+        (``0`` after ``-o``). Called as a console script (``argv=None``): ``None``, so the
+        exit status is 0.
+
+    Raises
+    ------
+    SystemExit
+        Status 2 after printing ``error: <one line>`` to stderr, for a configuration or data
+        error (the library functions raise :class:`~matsciml.common.errors.ConfigError`).
+    """
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        if args.options:
+            print(format_options(args.model_config, args.dataset_config))
+            return 0 if argv is not None else None
+        if args.experiment_config is None:
+            parser.error("-e/--experiment_config is required (or -o to list the options)")
+        from matsciml.runner.experiment import run_experiment
+
+        result = run_experiment(
+            experiment_config=args.experiment_config,
+            trainer_config=args.trainer_config,
+            model_config=args.model_config,
+            dataset_config=args.dataset_config,
+            debug=args.debug,
+            overrides=args.cli_args,
+            seed=args.seed,
+            run_dir=args.run_dir,
+            log_dir=args.log_dir,
+        )
+    except (ConfigError, DataError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result.summary_text:
+        print(result.summary_text)
+    return result if argv is not None else None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,552 @@
+"""Load the runner's YAML configs: files and folders, registries by file stem, ``-c`` overrides, sections.
+
+The runner reads four kinds of YAML file (see ``docs/runner.rst``):
+
+* an **experiment** config (``-e``) naming a model config and a dataset config by file stem,
+  the task and its targets, and optionally ``load_weights`` and ``seed``;
+* a **trainer** config (``-t``) with ``generic``/``debug``/``experiment`` sections of
+  ``lightning.pytorch.Trainer`` arguments plus ``callbacks`` and ``loggers``;
+* **model** configs (``-m``), registered under their file stem;
+* **dataset** configs (``-d``), registered under their file stem.
+
+Every value read from a file keeps its origin (:class:`ConfigFile`), so errors can name
+the file and the key path at fault.
+
+Example experiment YAML::
+
+    model: egnn
+    dataset:
+      devset:
+        - task: ScalarRegressionTask
+          targets: [energy_per_atom]
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matsciml.common.errors import ConfigError, closest
+
+__all__ = [
+    "ConfigFile",
+    "TaskSpec",
+    "ExperimentSpec",
+    "TASK_ALIASES",
+    "EXPERIMENT_KEYS",
+    "TRAINER_KEYS",
+    "DATASET_KEYS",
+    "RUN_TYPES",
+    "load_yaml",
+    "find_yaml_files",
+    "load_registry",
+    "load_trainer_config",
+    "default_config_path",
+    "lookup",
+    "parse_value",
+    "apply_override",
+    "apply_overrides",
+    "merge_sections",
+    "check_keys",
+    "parse_experiment",
+]
+
+#: Old experiment-config task names and the task classes they stand for.
+TASK_ALIASES = {
+    "scalar_regression": "ScalarRegressionTask",
+    "binary_classification": "BinaryClassificationTask",
+    "force_regression": "ForceRegressionTask",
+}
+#: Tasks the runner can build (classes of ``matsciml.models.base``).
+SUPPORTED_TASKS = ("ScalarRegressionTask", "BinaryClassificationTask", "ForceRegressionTask")
+#: Top-level keys of an experiment config.
+EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir")
+#: Top-level keys of a trainer config.
+TRAINER_KEYS = ("generic", "debug", "experiment", "callbacks", "loggers")
+#: Top-level keys of a dataset config.
+DATASET_KEYS = ("dataset", "debug", "experiment", "target_keys", "task_args")
+#: Keys of ``load_weights`` in an experiment config.
+LOAD_WEIGHTS_KEYS = ("method", "type", "path")
+#: The two run types; each names a section of the trainer and dataset configs.
+RUN_TYPES = ("debug", "experiment")
+#: The configs a ``-c`` override may address.
+OVERRIDE_TARGETS = ("trainer", "model", "dataset")
+
+
+@dataclass
+class ConfigFile:
+    """One loaded YAML file.
+
+    Attributes
+    ----------
+    name
+        Registry name: the file stem (``models/egnn_dgl.yaml`` -> ``egnn_dgl``).
+    path
+        Where the file was read from.
+    data
+        The parsed mapping (``{}`` for an empty file).
+    """
+
+    name: str
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    def where(self, key: str = "") -> str:
+        """``"<path>: <key>"`` (or just the path), for error messages."""
+        return f"{self.path}: {key}" if key else str(self.path)
+
+    def copy(self) -> ConfigFile:
+        """A deep copy, so overrides never touch the registry's version."""
+        return ConfigFile(self.name, self.path, copy.deepcopy(self.data))
+
+
+@dataclass
+class TaskSpec:
+    """One task of an experiment: the task class name and its targets."""
+
+    task: str
+    targets: list[str]
+    where: str = ""
+    targets_where: str = ""
+
+
+@dataclass
+class ExperimentSpec:
+    """The parsed experiment config (``-e``).
+
+    Attributes
+    ----------
+    file
+        The experiment config itself.
+    model
+        The model config's stem.
+    dataset
+        The dataset config's stem.
+    task
+        The (single) task to train.
+    load_weights
+        ``{"method": "checkpoint"|"pretrained", "type": "local"|"wandb", "path": str}`` or ``None``.
+    seed
+        Global seed, or ``None``.
+    log_dir
+        Parent folder of run folders from the config (``--log_dir`` wins), or ``None``.
+    """
+
+    file: ConfigFile
+    model: str
+    dataset: str
+    task: TaskSpec
+    load_weights: dict | None = None
+    seed: int | None = None
+    log_dir: str | None = None
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read one YAML file that must hold a mapping (an empty file gives ``{}``).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not valid YAML, or does not hold a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, found {type(data).__name__}")
+    return data
+
+
+def find_yaml_files(path: str | Path, what: str = "config") -> list[Path]:
+    """Return ``[path]`` for a file, or every ``*.yaml``/``*.yml`` below a folder (recursive, sorted).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` does not exist, or a folder holds no YAML file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise ConfigError(f"{what} folder {path} holds no *.yaml file")
+        return files
+    raise ConfigError(f"{what} path {path} does not exist (give a YAML file or a folder of them)")
+
+
+def load_registry(path: str | Path, what: str = "config") -> dict[str, ConfigFile]:
+    """Load a file or a folder of YAML files into a registry keyed by file stem.
+
+    Parameters
+    ----------
+    path
+        A YAML file or a folder (all ``*.yaml`` below it, recursively).
+    what
+        ``"model"`` or ``"dataset"``, used in messages.
+
+    Raises
+    ------
+    ConfigError
+        A file is not valid YAML, or two files share a stem.
+    """
+    registry: dict[str, ConfigFile] = {}
+    for file in find_yaml_files(path, what):
+        name = file.stem
+        if name in registry:
+            raise ConfigError(
+                f"two {what} configs are named {name!r}: {registry[name].path} and {file}; rename one "
+                "(configs are registered by file stem)"
+            )
+        registry[name] = ConfigFile(name, file, load_yaml(file))
+    return registry
+
+
+def load_trainer_config(path: str | Path) -> ConfigFile:
+    """Load the trainer config from a file, or from a folder.
+
+    A folder must hold exactly one YAML file, or a ``trainer.yaml`` directly inside it
+    (used when there are several).
+
+    Raises
+    ------
+    ConfigError
+        The path does not exist, or a folder holds several trainer configs and no ``trainer.yaml``.
+    """
+    files = find_yaml_files(path, "trainer")
+    if len(files) > 1:
+        preferred = Path(path) / "trainer.yaml"
+        if not preferred.is_file():
+            names = ", ".join(str(f.relative_to(path)) for f in files)
+            raise ConfigError(f"trainer folder {path} holds several configs ({names}); pass one file with -t")
+        files = [preferred]
+    file = files[0]
+    return ConfigFile(file.stem, file, load_yaml(file))
+
+
+def default_config_path(kind: str, cwd: str | Path | None = None) -> Path:
+    """Default location of a config folder (``kind`` in ``trainer``, ``models``, ``datasets``, ``experiments``).
+
+    ``experiments/configs/<kind>`` relative to the working directory when it exists there,
+    else relative to the repository holding the ``matsciml`` package.
+    """
+    import matsciml
+
+    local = Path(cwd or Path.cwd()) / "experiments" / "configs" / kind
+    if local.exists():
+        return local
+    return Path(matsciml.__file__).resolve().parents[1] / "experiments" / "configs" / kind
+
+
+def check_keys(data: dict, valid: tuple[str, ...] | list[str], where: str, what: str = "key") -> None:
+    """Raise :class:`ConfigError` for the first key of ``data`` not in ``valid``.
+
+    Parameters
+    ----------
+    data
+        The mapping to check.
+    valid
+        The accepted names.
+    where
+        ``"<file>"`` or ``"<file>: <key path>"`` of ``data``; the bad key is appended.
+    what
+        How to call a key in the message (``"key"``, ``"Trainer argument"``).
+    """
+    for key in data:
+        if key not in valid:
+            sep = "." if ": " in where else ": "
+            raise ConfigError(f"{where}{sep}{key}: unknown {what} {key!r}; {closest(str(key), valid)}")
+
+
+def lookup(data: dict, keys: list[str]) -> Any:
+    """Return ``data[k0][k1]...`` (``KeyError`` when a key is missing)."""
+    node: Any = data
+    for key in keys:
+        node = node[key]
+    return node
+
+
+def parse_value(text: str) -> Any:
+    """Type a command-line value as YAML does (``16`` -> int, ``0.001`` -> float, ``true`` -> bool, ``1e-3`` -> float)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_override(parts: list[str], data: dict) -> tuple[list[str], str]:
+    """Split ``parts`` (after the config name) into a key path and a value string.
+
+    The key path follows existing keys as far as they go; where it leaves the existing
+    config, the last word is the value, except that two trailing words forming a number
+    (``lr.0.001``) make one value.
+    """
+    node: Any = data
+    i = 0
+    while i < len(parts) - 1 and isinstance(node, dict) and parts[i] in node:
+        node = node[parts[i]]
+        i += 1
+    if not isinstance(node, dict):
+        return parts[:i], ".".join(parts[i:])
+    rest = parts[i:]
+    if len(rest) >= 3 and _is_number(".".join(rest[-2:])):
+        return parts[:i] + rest[:-2], ".".join(rest[-2:])
+    return parts[:-1], parts[-1]
+
+
+def apply_override(text: str, configs: dict[str, ConfigFile]) -> tuple[str, list[str], Any]:
+    """Apply one ``-c`` override (``dataset.debug.batch_size.16``) in place.
+
+    Parameters
+    ----------
+    text
+        ``<config>.<key>...<key>.<value>``; ``<config>`` is ``trainer``, ``model`` or ``dataset``.
+    configs
+        The configs in use, keyed by ``trainer``/``model``/``dataset`` (modified in place).
+
+    Returns
+    -------
+    tuple
+        ``(config name, key path, typed value)``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown config name, no key or value, or a key path that runs through a list or a scalar.
+    """
+    parts = text.split(".")
+    target = parts[0]
+    if target not in OVERRIDE_TARGETS:
+        raise ConfigError(f"-c {text}: the first word names the config to change; {closest(target, OVERRIDE_TARGETS)}")
+    if len(parts) < 3 or not all(parts[1:-1]):
+        raise ConfigError(f"-c {text}: expected <config>.<key path>.<value>, e.g. dataset.debug.batch_size.16")
+    file = configs[target]
+    keys, raw = _split_override(parts[1:], file.data)
+    if not keys:
+        raise ConfigError(f"-c {text}: {file.where(parts[1])} is a section; name a key inside it")
+    node = file.data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            kind = "a list" if isinstance(child, list) else "a value"
+            raise ConfigError(
+                f"-c {text}: {file.where('.'.join(keys[: depth + 1]))} is {kind}, not a section; "
+                "only keys of nested mappings can be set from the command line (not lists such as callbacks, "
+                "loggers or transforms)"
+            )
+        node = child
+    old = node.get(keys[-1])
+    if isinstance(old, dict):
+        raise ConfigError(
+            f"-c {text}: {file.where('.'.join(keys))} is a section; only single values can be set from the command line"
+        )
+    if isinstance(old, list):
+        raise ConfigError(
+            f"-c {text}: {file.where('.'.join(keys))} is a list; only keys of nested mappings can be set from the "
+            "command line (not lists such as callbacks, loggers or transforms)"
+        )
+    value = parse_value(raw)
+    node[keys[-1]] = value
+    return target, keys, value
+
+
+def apply_overrides(overrides: list[str] | None, configs: dict[str, ConfigFile]) -> list[tuple[str, list[str], Any]]:
+    """Apply every ``-c`` override in order (see :func:`apply_override`)."""
+    return [apply_override(text, configs) for text in overrides or []]
+
+
+def merge_sections(file: ConfigFile, run_type: str, generic: str | None = "generic") -> dict:
+    """Return ``file.data[generic]`` updated with ``file.data[run_type]`` (shallow; either may be absent).
+
+    Raises
+    ------
+    ConfigError
+        A section is present but is not a mapping.
+    """
+    merged: dict = {}
+    for section in (generic, run_type):
+        if section is None:
+            continue
+        value = file.data.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file.where(section)}: expected a mapping of arguments, found {type(value).__name__}")
+        merged.update(value)
+    return merged
+
+
+def _task_spec(raw: Any, where: str) -> list[TaskSpec]:
+    """Parse the value under ``dataset.<stem>`` of an experiment config into task specs."""
+    if isinstance(raw, list):
+        specs = []
+        for i, item in enumerate(raw):
+            at = f"{where}[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(f"{at}: expected a mapping like {{task: ScalarRegressionTask, targets: [energy]}}")
+            check_keys(item, ("task", "targets"), at)
+            if "task" not in item:
+                raise ConfigError(f"{at}: missing 'task' (a task class name such as ScalarRegressionTask)")
+            targets = _targets(item.get("targets"), f"{at}.targets")
+            specs.append(TaskSpec(str(item["task"]), targets, f"{at}.task", f"{at}.targets"))
+        return specs
+    if isinstance(raw, dict):
+        return [
+            TaskSpec(str(name), _targets(targets, f"{where}.{name}"), f"{where}.{name}", f"{where}.{name}")
+            for name, targets in raw.items()
+        ]
+    raise ConfigError(
+        f"{where}: expected a list of tasks ([{{task: ScalarRegressionTask, targets: [energy]}}]) "
+        f"or a mapping ({{scalar_regression: [energy]}}), found {type(raw).__name__}"
+    )
+
+
+def _targets(raw: Any, where: str) -> list[str]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        raise ConfigError(f"{where}: expected a non-empty list of target keys, e.g. [energy_per_atom]")
+    return list(raw)
+
+
+def _task_name(spec: TaskSpec) -> str:
+    name = TASK_ALIASES.get(spec.task, spec.task)
+    if name not in SUPPORTED_TASKS:
+        raise ConfigError(
+            f"{spec.where}: unknown task {spec.task!r}; {closest(spec.task, list(SUPPORTED_TASKS) + list(TASK_ALIASES))}"
+        )
+    return name
+
+
+def parse_experiment(
+    file: ConfigFile,
+    models: dict[str, ConfigFile] | None = None,
+    datasets: dict[str, ConfigFile] | None = None,
+) -> ExperimentSpec:
+    """Check and parse an experiment config.
+
+    Parameters
+    ----------
+    file
+        The loaded experiment config.
+    models, datasets
+        Registries to check the model and dataset stems against (skipped when ``None``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown top-level key, missing ``model``/``dataset``, unknown model or dataset stem,
+        unknown task, several tasks or datasets (multi-task runs are not supported yet),
+        or a malformed ``load_weights``.
+    """
+    data = file.data
+    check_keys(data, EXPERIMENT_KEYS, file.where())
+    for key in ("model", "dataset"):
+        if key not in data:
+            raise ConfigError(f"{file.where()}: missing {key!r} (see docs/runner.rst for the experiment config)")
+    model = data["model"]
+    if not isinstance(model, str):
+        raise ConfigError(f"{file.where('model')}: expected a model config name (a file stem), found {model!r}")
+    if models is not None and model not in models:
+        raise ConfigError(f"{file.where('model')}: unknown model config {model!r}; {closest(model, models)}")
+    dsets = data["dataset"]
+    if isinstance(dsets, str):
+        raise ConfigError(
+            f"{file.where('dataset')}: expected a mapping from a dataset config name to its tasks, e.g. "
+            f"{{{dsets}: [{{task: ScalarRegressionTask, targets: [energy]}}]}}"
+        )
+    if not isinstance(dsets, dict) or not dsets:
+        raise ConfigError(f"{file.where('dataset')}: expected a mapping from a dataset config name to its tasks")
+    for name in dsets:
+        if datasets is not None and name not in datasets:
+            raise ConfigError(
+                f"{file.where('dataset.' + str(name))}: unknown dataset config {name!r}; {closest(str(name), datasets)}"
+            )
+    tasks = {name: _task_spec(raw, file.where(f"dataset.{name}")) for name, raw in dsets.items()}
+    for specs in tasks.values():
+        for spec in specs:
+            spec.task = _task_name(spec)
+    n_tasks = sum(len(s) for s in tasks.values())
+    if len(tasks) > 1 or n_tasks != 1:
+        what = f"{len(tasks)} datasets" if len(tasks) > 1 else f"{n_tasks} tasks"
+        raise ConfigError(
+            f"{file.where('dataset')}: {what} make a multi-task run, which is not supported yet; "
+            "give one dataset with one task (list several targets in that task's 'targets' instead)"
+        )
+    dataset = next(iter(tasks))
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"{file.where('seed')}: expected an integer, found {seed!r}")
+    log_dir = data.get("log_dir")
+    return ExperimentSpec(
+        file=file,
+        model=model,
+        dataset=str(dataset),
+        task=tasks[dataset][0],
+        load_weights=_load_weights_spec(data.get("load_weights"), file),
+        seed=seed,
+        log_dir=None if log_dir is None else str(log_dir),
+    )
+
+
+def _load_weights_spec(raw: Any, file: ConfigFile) -> dict | None:
+    if raw is None:
+        return None
+    where = file.where("load_weights")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: expected a mapping {{method: checkpoint|pretrained, type: local|wandb, path: ...}}"
+        )
+    check_keys(raw, LOAD_WEIGHTS_KEYS, where)
+    spec = {"method": raw.get("method", "checkpoint"), "type": raw.get("type", "local"), "path": raw.get("path")}
+    if spec["method"] not in ("checkpoint", "pretrained"):
+        raise ConfigError(
+            f"{where}.method: unknown method {spec['method']!r}; {closest(str(spec['method']), ['checkpoint', 'pretrained'])}"
+            " ('checkpoint' loads the whole task, 'pretrained' the encoder only)"
+        )
+    if spec["type"] not in ("local", "wandb"):
+        raise ConfigError(
+            f"{where}.type: unknown type {spec['type']!r}; {closest(str(spec['type']), ['local', 'wandb'])}"
+        )
+    if not spec["path"]:
+        raise ConfigError(f"{where}.path: missing; give the checkpoint file")
+    if spec["type"] == "local":
+        path = Path(str(spec["path"])).expanduser()
+        if not path.is_absolute() and not path.exists():
+            beside = file.path.parent / path
+            if beside.exists():
+                path = beside
+        spec["path"] = str(path)
+    return spec

@@ -1,0 +1,421 @@
+"""Run one experiment: load the configs, build and check everything, train, summarise.
+
+:func:`prepare_experiment` does all the work that can fail on a configuration mistake
+(loading, ``-c`` overrides, building the data module and reading the data, building the
+task, loading weights, building the trainer, checking the monitored metric names) before
+any training; :func:`run_experiment` then writes ``config.yaml``, calls ``trainer.fit``
+and summarises the run.
+
+Example::
+
+    from matsciml.runner.experiment import run_experiment
+
+    result = run_experiment("experiments/configs/experiments/devset_energy.yaml", debug=True)
+    print(result.summary_text)
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matsciml.common.errors import ConfigError, DataError, closest
+from matsciml.runner import build
+from matsciml.runner.configs import (
+    ConfigFile,
+    ExperimentSpec,
+    apply_overrides,
+    default_config_path,
+    load_registry,
+    load_trainer_config,
+    load_yaml,
+    parse_experiment,
+)
+from matsciml.runner.run_dir import make_run_dir, write_config
+from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae
+
+__all__ = ["PreparedRun", "RunResult", "prepare_experiment", "run_experiment", "RUN_DIR_ENV"]
+
+#: Environment variable through which a run's folder reaches the other ranks of a multi-process run.
+RUN_DIR_ENV = "MATSCIML_RUN_DIR"
+
+
+@dataclass
+class PreparedRun:
+    """Everything built and checked for one run, before training.
+
+    Attributes
+    ----------
+    experiment
+        The parsed experiment config.
+    trainer_config, model_config, dataset_config
+        The configs in use, after ``-c`` overrides.
+    run_type
+        ``"debug"`` or ``"experiment"``.
+    run_dir
+        The run folder.
+    datamodule, task, trainer
+        The built objects (the data module is set up: its data were read and checked).
+    seed
+        The global seed (``None``: not seeded).
+    overrides
+        The ``-c`` overrides applied.
+    loaded_weights
+        What :func:`~matsciml.runner.weights.load_weights` loaded, or ``None``.
+    """
+
+    experiment: ExperimentSpec
+    trainer_config: ConfigFile
+    model_config: ConfigFile
+    dataset_config: ConfigFile
+    run_type: str
+    run_dir: Path
+    datamodule: Any
+    task: Any
+    trainer: Any
+    seed: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    loaded_weights: dict | None = None
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The merged configuration written to ``config.yaml``."""
+        return {
+            "experiment": copy.deepcopy(self.experiment.file.data),
+            "trainer": copy.deepcopy(self.trainer_config.data),
+            "model": copy.deepcopy(self.model_config.data),
+            "dataset": copy.deepcopy(self.dataset_config.data),
+            "run": {
+                "run_type": self.run_type,
+                "task": self.experiment.task.task,
+                "targets": list(self.experiment.task.targets),
+                "seed": self.seed,
+                "run_dir": str(self.run_dir),
+                "files": {
+                    "experiment": str(self.experiment.file.path),
+                    "trainer": str(self.trainer_config.path),
+                    "model": str(self.model_config.path),
+                    "dataset": str(self.dataset_config.path),
+                },
+                "cli_args": list(self.overrides),
+                "load_weights": self.loaded_weights,
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            },
+        }
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves (returned by :func:`run_experiment` and ``cli.main(argv)``).
+
+    Attributes
+    ----------
+    run_dir
+        The run folder.
+    config_path, metrics_csv
+        ``<run_dir>/config.yaml`` and the CSV logger's metrics file.
+    best_checkpoint
+        Best checkpoint of the first ``ModelCheckpoint`` (its last one when nothing is monitored).
+    last_checkpoint
+        ``last.ckpt`` when written.
+    targets
+        Validation MAE of each regression target next to the mean predictor's.
+    summary_text
+        The printed summary.
+    trainer, task, datamodule
+        The objects after training (the task holds the best checkpoint's weights when one exists).
+    prepared
+        The :class:`PreparedRun`.
+    """
+
+    run_dir: Path
+    config_path: Path
+    metrics_csv: Path | None
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    targets: list[TargetSummary]
+    summary_text: str
+    trainer: Any
+    task: Any
+    datamodule: Any
+    prepared: PreparedRun
+
+
+def _resolve(path: str | Path | None, kind: str) -> Path:
+    return Path(path) if path is not None else default_config_path(kind)
+
+
+def _check_targets_listed(spec: ExperimentSpec, dataset: ConfigFile) -> None:
+    """The experiment's targets must be among the dataset config's ``target_keys`` (when it lists them)."""
+    listed = dataset.data.get("target_keys")
+    if listed is None:
+        return
+    if isinstance(listed, str):
+        listed = [listed]
+    if not isinstance(listed, list):
+        raise ConfigError(f"{dataset.where('target_keys')}: expected a list of target names")
+    for target in spec.task.targets:
+        if target not in listed:
+            raise ConfigError(
+                f"{spec.task.targets_where}: target {target!r} is not in target_keys of {dataset.path} "
+                f"({', '.join(map(str, listed))}); {closest(target, [str(t) for t in listed])}"
+            )
+
+
+def _setup_data(datamodule: Any, dataset: ConfigFile, run_type: str, targets: list[str]) -> None:
+    """Read and validate the data now, so data problems surface before training, naming the dataset config."""
+    try:
+        datamodule.setup("fit")
+    except (DataError, ConfigError) as err:
+        message = " ".join(str(err).split())
+        raise type(err)(
+            f"{dataset.where('target_keys')}: reading the {run_type} data for targets {targets} failed: {message}"
+        ) from None
+
+
+def _logged_metric_names(task: Any) -> list[str] | None:
+    """Names the task logs (see docs/tasks.rst), or ``None`` when the task does not say."""
+    keys = getattr(task, "task_keys", None)
+    if not keys:
+        return None
+    kind = getattr(task, "metric_kind", "regression")
+    names = []
+    for split in ("train", "val"):
+        stems = ["loss", "total"]
+        for key in keys:
+            stems += [key, f"{key}_mae" if kind == "regression" else f"{key}_accuracy"]
+        names += [f"{split}_{s}" for s in stems]
+        if split == "train":
+            names += [f"train_{s}_{suffix}" for s in stems for suffix in ("step", "epoch")]
+    return names
+
+
+def _check_monitors(trainer: Any, trainer_config: ConfigFile, task: Any, datamodule: Any) -> None:
+    """Every monitored metric must be one the task logs; ``val_*`` needs a validation split."""
+    names = _logged_metric_names(task)
+    has_val = "val" in datamodule.datasets
+    specs = trainer_config.data.get("callbacks") or []
+    for i, callback in enumerate(trainer.callbacks):
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(monitor, str) or not monitor:
+            continue
+        where = (
+            trainer_config.where(f"callbacks[{i}].init_args.monitor")
+            if i < len(specs)
+            else f"{type(callback).__name__}.monitor"
+        )
+        if names is not None and monitor not in names:
+            val_names = [n for n in names if n.startswith("val_")] or names
+            raise ConfigError(
+                f"{where}: {type(callback).__name__} monitors {monitor!r}, which the task does not log; "
+                f"{closest(monitor, val_names)}"
+            )
+        if monitor.startswith("val_") and not has_val:
+            raise ConfigError(
+                f"{where}: {type(callback).__name__} monitors {monitor!r} but the data have no validation split; "
+                "set val_split in the dataset config's section"
+            )
+
+
+def prepare_experiment(
+    experiment_config: str | Path,
+    trainer_config: str | Path | None = None,
+    model_config: str | Path | None = None,
+    dataset_config: str | Path | None = None,
+    debug: bool = False,
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+    run_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
+) -> PreparedRun:
+    """Load every config, apply overrides, build and check the data module, task and trainer.
+
+    Parameters
+    ----------
+    experiment_config
+        Experiment YAML (``-e``).
+    trainer_config, model_config, dataset_config
+        File or folder (``-t``, ``-m``, ``-d``); default ``experiments/configs/<kind>``.
+    debug
+        Use the ``debug`` sections and the bundled devset.
+    overrides
+        ``-c`` overrides (``dataset.debug.batch_size.16``).
+    seed
+        Global seed; wins over the experiment config's ``seed``.
+    run_dir, log_dir
+        Exact run folder, or the parent of ``<experiment stem>/<time>`` folders.
+
+    Raises
+    ------
+    ConfigError
+        Any configuration mistake (one line naming the YAML file, the key path and the
+        closest valid names).
+    DataError
+        The data do not fit the configuration (prefixed with the dataset config).
+    """
+    import lightning.pytorch as pl
+
+    from matsciml.runner.weights import load_weights
+
+    exp_path = Path(experiment_config)
+    experiment = ConfigFile(exp_path.stem, exp_path, load_yaml(exp_path))
+    trainer_file = load_trainer_config(_resolve(trainer_config, "trainer")).copy()
+    models = load_registry(_resolve(model_config, "models"), "model")
+    datasets = load_registry(_resolve(dataset_config, "datasets"), "dataset")
+    spec = parse_experiment(experiment, models, datasets)
+    model = models[spec.model].copy()
+    dataset = datasets[spec.dataset].copy()
+    overrides = list(overrides or [])
+    apply_overrides(overrides, {"trainer": trainer_file, "model": model, "dataset": dataset})
+    run_type = "debug" if debug else "experiment"
+    seed = spec.seed if seed is None else seed
+
+    build.check_trainer_config(trainer_file)
+    _check_targets_listed(spec, dataset)
+    task_cls = build.task_class(spec.task.task, spec.task.where)
+    task_kwargs = build.task_arguments(task_cls, model, dataset, run_type, spec.task.targets)
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed)
+    _setup_data(datamodule, dataset, run_type, spec.task.targets)
+    task = build.build_task(task_cls, task_kwargs, model)
+    loaded = None
+    if spec.load_weights is not None:
+        loaded = load_weights(task, spec.load_weights, experiment.where("load_weights"))
+
+    folder = _run_folder(spec, run_dir, log_dir)
+    trainer = build.build_trainer(trainer_file, run_type, folder)
+    _check_monitors(trainer, trainer_file, task, datamodule)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(folder)
+    return PreparedRun(
+        experiment=spec,
+        trainer_config=trainer_file,
+        model_config=model,
+        dataset_config=dataset,
+        run_type=run_type,
+        run_dir=folder,
+        datamodule=datamodule,
+        task=task,
+        trainer=trainer,
+        seed=seed,
+        overrides=overrides,
+        loaded_weights=loaded,
+    )
+
+
+def _run_folder(spec: ExperimentSpec, run_dir: str | Path | None, log_dir: str | Path | None) -> Path:
+    """The run folder; ranks > 0 of a multi-process run reuse rank 0's (passed through the environment)."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
+        return Path(inherited)
+    return make_run_dir(spec.file.name, run_dir=run_dir, log_dir=log_dir or spec.log_dir, create=False)
+
+
+def _checkpoint_callback(trainer: Any) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+
+def _metrics_csv(trainer: Any) -> Path | None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            return Path(logger.log_dir) / "metrics.csv"
+    return None
+
+
+def summarize(prepared: PreparedRun) -> tuple[list[TargetSummary], str | None, str | None, str]:
+    """Load the best checkpoint into the task and compare its validation MAE with the mean predictor's.
+
+    Returns
+    -------
+    tuple
+        ``(target summaries, best checkpoint, last checkpoint, summary text)``.
+    """
+    from matsciml.runner.weights import read_state_dict
+
+    trainer, task, dm = prepared.trainer, prepared.task, prepared.datamodule
+    callback = _checkpoint_callback(trainer)
+    best = (callback.best_model_path or callback.last_model_path) if callback is not None else None
+    last = callback.last_model_path if callback is not None and callback.last_model_path else None
+    best = best or None
+    score = None
+    if callback is not None and callback.best_model_score is not None:
+        score = float(callback.best_model_score)
+    notes = []
+    if best and Path(best).is_file():
+        task.load_state_dict(read_state_dict(best, "best checkpoint"), strict=True)
+    targets: list[TargetSummary] = []
+    regression = getattr(task, "metric_kind", "regression") == "regression"
+    if "val" not in dm.datasets:
+        notes.append("No validation split: no validation MAE (set val_split in the dataset config).")
+    elif not regression:
+        notes.append("Classification task: see val_<target>_accuracy in metrics.csv.")
+    else:
+        keys = list(getattr(task, "task_keys", prepared.experiment.task.targets))
+        maes = model_mae(task, dm.val_dataloader(), keys)
+        for key in keys:
+            base, count = mean_predictor_mae(dm.datasets["train"], dm.datasets["val"], key)
+            mae, n = maes[key]
+            if n:
+                targets.append(TargetSummary(key, mae, base, n))
+    text = format_summary(prepared.run_dir, best, score, getattr(callback, "monitor", None), targets, "\n".join(notes))
+    return targets, best, last, text
+
+
+def run_experiment(
+    experiment_config: str | Path,
+    trainer_config: str | Path | None = None,
+    model_config: str | Path | None = None,
+    dataset_config: str | Path | None = None,
+    debug: bool = False,
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+    run_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
+) -> RunResult:
+    """Prepare (see :func:`prepare_experiment`), write ``config.yaml``, train, and summarise.
+
+    Raises
+    ------
+    ConfigError, DataError
+        As :func:`prepare_experiment`; nothing has been trained when they are raised.
+    """
+    prepared = prepare_experiment(
+        experiment_config,
+        trainer_config=trainer_config,
+        model_config=model_config,
+        dataset_config=dataset_config,
+        debug=debug,
+        overrides=overrides,
+        seed=seed,
+        run_dir=run_dir,
+        log_dir=log_dir,
+    )
+    trainer = prepared.trainer
+    config_path = prepared.run_dir / "config.yaml"
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            _ = logger.experiment  # loggers set up their folder while it is still empty
+        config_path = write_config(prepared.run_dir, prepared.resolved_config())
+    trainer.fit(prepared.task, datamodule=prepared.datamodule)
+    targets, best, last, text = summarize(prepared) if trainer.is_global_zero else ([], None, None, "")
+    return RunResult(
+        run_dir=prepared.run_dir,
+        config_path=config_path,
+        metrics_csv=_metrics_csv(trainer),
+        best_checkpoint=best,
+        last_checkpoint=last,
+        targets=targets,
+        summary_text=text,
+        trainer=trainer,
+        task=prepared.task,
+        datamodule=prepared.datamodule,
+        prepared=prepared,
+    )

@@ -1,0 +1,101 @@
+"""The run folder: one folder per run holding its checkpoints, metrics and resolved config.
+
+Layout::
+
+    <run>/
+      config.yaml          the resolved configs (experiment, trainer, model, dataset, run)
+      metrics.csv          CSVLogger's metrics (one row per logging step / epoch)
+      hparams.yaml         the task's hyperparameters, written by CSVLogger
+      checkpoints/         ModelCheckpoint's files (``last.ckpt`` and the best ones)
+
+By default a run folder is ``experiments/logs/<experiment stem>/<YYYYmmdd-HHMMSS>``
+relative to the working directory (a ``-1``, ``-2``... suffix keeps two runs started in
+the same second apart).
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matsciml.common.errors import ConfigError
+
+__all__ = ["DEFAULT_LOG_DIR", "make_run_dir", "write_config", "to_plain"]
+
+#: Parent folder of run folders, relative to the working directory.
+DEFAULT_LOG_DIR = Path("experiments") / "logs"
+
+
+def make_run_dir(
+    experiment_name: str,
+    run_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
+    now: datetime.datetime | None = None,
+    create: bool = True,
+) -> Path:
+    """Choose (and by default create) the run folder.
+
+    Parameters
+    ----------
+    experiment_name
+        Stem of the experiment config; names the folder grouping its runs.
+    run_dir
+        Exact folder to use (``--run_dir``). It may exist but must then be empty.
+    log_dir
+        Parent of the experiment folders (``--log_dir``); default ``experiments/logs``.
+    now
+        Time stamp naming the folder (default: the current local time).
+    create
+        Create the folder (default). ``False`` only chooses a path that does not exist
+        yet, so that a run stopped by a configuration error leaves nothing behind.
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` exists and is not an empty folder (runs never overwrite each other).
+    """
+    if run_dir is not None:
+        path = Path(run_dir)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"--run_dir {path} exists and is not an empty folder; choose a new folder")
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    parent = Path(log_dir) if log_dir is not None else DEFAULT_LOG_DIR
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = parent / experiment_name
+    for i in range(1000):
+        path = base / (stamp if i == 0 else f"{stamp}-{i}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        base.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"could not find a new run folder name under {base}")  # pragma: no cover
+
+
+def to_plain(value: Any) -> Any:
+    """Turn a config value into plain YAML data (paths and other objects become strings)."""
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_config(run_dir: str | Path, config: dict) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` and return its path."""
+    path = Path(run_dir) / "config.yaml"
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_plain(config), fh, sort_keys=False, default_flow_style=False)
+    return path

@@ -1,0 +1,148 @@
+"""Start a run from saved weights (the experiment config's ``load_weights``).
+
+Two methods:
+
+* ``checkpoint``: the whole task (encoder and output heads) is loaded, strictly, into the
+  task built from the configs; the configs must therefore describe the same model.
+* ``pretrained``: only the encoder (the ``encoder.`` entries of the checkpoint's
+  ``state_dict``) is loaded; the output heads start fresh, so the targets may differ.
+
+Files are read with ``torch.load(..., weights_only=True)``: no code from a checkpoint runs.
+A Lightning checkpoint (with a ``state_dict`` entry) or a bare state dict is accepted.
+
+Example experiment YAML::
+
+    load_weights:
+      method: pretrained
+      type: local
+      path: experiments/logs/devset_energy/20250101-120000/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matsciml.common.errors import ConfigError
+
+__all__ = ["load_weights", "read_state_dict"]
+
+
+def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[str, torch.Tensor]:
+    """Read the model ``state_dict`` of a Lightning checkpoint (or a bare state-dict file).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not a checkpoint, or holds pickled objects that a
+        ``weights_only`` load refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: checkpoint file {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{where}: {path} holds pickled objects that a safe load refuses ({first}); if you trust the file, "
+            "save its weights alone with torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt') "
+            "and point path at weights.pt"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any read failure becomes one clear line
+        raise ConfigError(
+            f"{where}: cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(
+            f"{where}: {path} holds no state dict (expected a Lightning checkpoint or a saved state_dict)"
+        )
+    return state
+
+
+def _mismatch(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(parts)
+
+
+def _shape_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = module.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and not isinstance(own[k], torch.nn.parameter.UninitializedParameter) and own[k].shape != v.shape
+    ]
+    return f"{len(bad)} with another shape (e.g. {', '.join(bad[:2])})" if bad else ""
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
+    own = set(module.state_dict())
+    missing = sorted(own - set(state))
+    unexpected = sorted(set(state) - own)
+    problem = _mismatch(missing, unexpected) or _shape_mismatch(module, state)
+    if problem:
+        raise ConfigError(
+            f"{where}: the checkpoint does not match the {what} built from the model config: {problem}; "
+            "use the model config the checkpoint was trained with"
+            + (", or method: pretrained to load the encoder only" if what == "task" else "")
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def load_weights(task: torch.nn.Module, spec: dict[str, Any], where: str = "load_weights") -> dict[str, Any]:
+    """Load weights into ``task`` as the experiment config's ``load_weights`` asks.
+
+    Parameters
+    ----------
+    task
+        The task built from the configs. For ``pretrained`` it must have an ``encoder`` attribute.
+    spec
+        ``{"method": "checkpoint"|"pretrained", "type": "local"|"wandb", "path": str}``.
+    where
+        Location of the spec (``"<experiment file>: load_weights"``) for error messages.
+
+    Returns
+    -------
+    dict
+        ``{"method", "path", "num_tensors"}``: what was loaded.
+
+    Raises
+    ------
+    ConfigError
+        ``type: wandb`` (no network access here), a missing or unreadable file, no
+        encoder weights in the file (``pretrained``), or weights that do not fit the task.
+    """
+    method = spec.get("method", "checkpoint")
+    kind = spec.get("type", "local")
+    path = spec.get("path")
+    if kind == "wandb":
+        raise ConfigError(
+            f"{where}.type: wandb artifacts are not available offline; download the artifact "
+            "(wandb artifact get <name>) and use type: local with path: <file>.ckpt"
+        )
+    if kind != "local":
+        raise ConfigError(f"{where}.type: unknown type {kind!r}; use 'local' (or 'wandb')")
+    state = read_state_dict(path, f"{where}.path")
+    if method == "checkpoint":
+        _load_into(task, state, where, "task")
+        loaded = len(state)
+    elif method == "pretrained":
+        encoder = getattr(task, "encoder", None)
+        if not isinstance(encoder, torch.nn.Module):
+            raise ConfigError(f"{where}.method: pretrained needs a task with an 'encoder' module")
+        enc_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        if not enc_state:
+            raise ConfigError(f"{where}.path: {path} has no 'encoder.' weights to load (method: pretrained)")
+        _load_into(encoder, enc_state, where, "encoder")
+        loaded = len(enc_state)
+    else:
+        raise ConfigError(f"{where}.method: unknown method {method!r}; use 'checkpoint' or 'pretrained'")
+    return {"method": method, "path": str(path), "num_tensors": loaded}
