@@ -344,14 +344,27 @@ def apply_override(text: str, configs: dict[str, ConfigFile]) -> tuple[str, list
     ConfigError
         Unknown config name, no key or value, or a key path that runs through a list or a scalar.
     """
-    parts = text.split(".")
+    explicit = None
+    if "=" in text:  # <config>.<key path>=<value>: the value may hold dots (file paths)
+        text_keys, explicit = text.split("=", 1)
+        parts = text_keys.split(".")
+    else:
+        parts = text.split(".")
     target = parts[0]
     if target not in OVERRIDE_TARGETS:
         raise ConfigError(f"-c {text}: the first word names the config to change; {closest(target, OVERRIDE_TARGETS)}")
-    if len(parts) < 3 or not all(parts[1:-1]):
-        raise ConfigError(f"-c {text}: expected <config>.<key path>.<value>, e.g. dataset.debug.batch_size.16")
+    if len(parts) < (2 if explicit is not None else 3) or not parts[1]:
+        raise ConfigError(
+            f"-c {text}: expected <config>.<key path>.<value> (e.g. dataset.debug.batch_size.16) "
+            "or <config>.<key path>=<value> (e.g. dataset.experiment.train_path=/data/train.extxyz)"
+        )
     file = configs[target]
-    keys, raw = _split_override(parts[1:], file.data)
+    if explicit is not None:
+        if not all(parts[1:]):
+            raise ConfigError(f"-c {text}: empty key in the key path")
+        keys, raw = parts[1:], explicit
+    else:
+        keys, raw = _split_override(parts[1:], file.data)
     if not keys:
         raise ConfigError(f"-c {text}: {file.where(parts[1])} is a section; name a key inside it")
     node = file.data
