@@ -148,6 +148,9 @@ def log_histogram(trainer: Any, name: str, values: torch.Tensor, step: int | Non
 class RateLimitedWarner:
     """Emit each kind of message at most once per ``min_interval_steps`` steps and ``max_per_key`` times.
 
+    Messages are issued with :func:`warnings.warn` on rank zero only and are also kept in
+    :attr:`history` as ``(step, key, message)`` for reports and tests.
+
     Parameters
     ----------
     min_interval_steps
@@ -156,9 +159,6 @@ class RateLimitedWarner:
         Messages of one key in a whole run (default 5); ``None`` for no limit.
     category
         Warning category (default :class:`TrainingDynamicsWarning`).
-
-    Messages are issued with :func:`warnings.warn` on rank zero only and are also kept in
-    :attr:`history` as ``(step, key, message)`` for reports and tests.
     """
 
     def __init__(
