@@ -10,12 +10,24 @@ Catching faults
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
     :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`.
+Periodic work, stopping and best checkpoints
+    :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
+    :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
+    :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`.
+Train-end pipeline
+    :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
+Configuration
+    :func:`build_callbacks` (``class_path``/``init_args`` and ``kind`` + ``every_n_*`` styles).
 """
 
 from __future__ import annotations
 
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
+from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
+from matsciml.lightning.callbacks.builder import build_callbacks
+from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
+from matsciml.lightning.callbacks.events import fire_event
 from matsciml.lightning.callbacks.garbage import GarbageCallback
 from matsciml.lightning.callbacks.gradients import (
     GradientCheckCallback,
@@ -24,13 +36,18 @@ from matsciml.lightning.callbacks.gradients import (
     TrainingFaultError,
 )
 from matsciml.lightning.callbacks.helper import TrainingHelperCallback
+from matsciml.lightning.callbacks.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks.loss_scaling import LossScalingScheduler
 from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
+from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
+from matsciml.lightning.callbacks.periodic import PeriodicCallback
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
 from matsciml.lightning.callbacks.sam import SAM
+from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
+from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd, TrainEndCallback
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
 
 __all__ = [
@@ -50,4 +67,21 @@ __all__ = [
     "GarbageCallback",
     "LossScalingScheduler",
     "TrainingDynamicsReport",
+    "PeriodicCallback",
+    "PeriodicDataIteratorCallback",
+    "MetricEarlyStopping",
+    "FixedBudgetStopping",
+    "TerminateOnNaN",
+    "BestCheckpoint",
+    "BestMetricTracker",
+    "fire_event",
+    "IsolatedCallback",
+    "isolate",
+    "CallbackError",
+    "TrainEndCallback",
+    "TestOnTrainEnd",
+    "ExportOnTrainEnd",
+    "ArchiveOnTrainEnd",
+    "MetadataLogger",
+    "build_callbacks",
 ]

@@ -1,0 +1,283 @@
+"""Build callbacks from YAML: ``class_path`` + ``init_args``, or ``kind`` + ``every_n_*`` + arguments.
+
+Two spellings are accepted, and may be mixed in one list:
+
+* Lightning CLI style (upstream matsciml trainer configs)::
+
+      callbacks:
+        - class_path: lightning.pytorch.callbacks.EarlyStopping
+          init_args: {monitor: val_loss, patience: 5}
+        - class_path: pytorch_lightning.callbacks.LearningRateMonitor   # old prefix: same class
+
+* ``kind`` style: ``kind`` names the class (an import path or a short name, see
+  :data:`ALIASES`), at most one of ``every_n_epochs`` / ``every_n_updates`` /
+  ``every_n_samples`` says how often a periodic callback runs, and every other key is
+  a constructor argument::
+
+      callbacks:
+        - kind: ema
+          decay: 0.999
+        - kind: my_package.callbacks.ValidationPlots
+          every_n_epochs: 5
+          dataset: val
+        - metadata                           # a bare name: no arguments
+
+Short names are matched without regard to case, ``_`` and ``-``: ``ema``, ``EMA`` and
+``ExponentialMovingAverageCallback`` are the same class. Besides :data:`ALIASES`, the
+names of the callback classes of the modules of :mod:`matsciml.lightning.callbacks`
+(``kind: MetricEarlyStopping`` or ``metric_early_stopping``) and of
+:mod:`lightning.pytorch.callbacks` (``kind: LearningRateMonitor``) are short names.
+
+The callbacks are returned in list order, which is the order Lightning calls them in
+(except that Lightning moves checkpoint callbacks such as ``ModelCheckpoint`` to the
+end, so that they save after the other callbacks' hooks ran). The train-end stages
+(:mod:`~matsciml.lightning.callbacks.train_end`) run in their own fixed order.
+
+Every error is a :class:`~matsciml.common.errors.ConfigError` naming the entry
+(``<where>[i]``), the key at fault and the closest valid names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from matsciml.common.config import instantiate, resolve_class
+from matsciml.common.errors import ConfigError, closest
+
+__all__ = ["ALIASES", "PERIOD_KEYS", "build_callbacks", "build_callback", "resolve_kind"]
+
+#: Short names of callbacks (matched ignoring case, ``_`` and ``-``).
+ALIASES: dict[str, str] = {
+    "ema": "matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback",
+    "sam": "matsciml.lightning.callbacks.sam.SAM",
+    "test_on_train_end": "matsciml.lightning.callbacks.train_end.TestOnTrainEnd",
+    "export_on_train_end": "matsciml.lightning.callbacks.train_end.ExportOnTrainEnd",
+    "archive_on_train_end": "matsciml.lightning.callbacks.train_end.ArchiveOnTrainEnd",
+    "metadata": "matsciml.lightning.callbacks.metadata.MetadataLogger",
+    "checkpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "model_checkpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "early_stopping": "lightning.pytorch.callbacks.EarlyStopping",
+    "lr_monitor": "lightning.pytorch.callbacks.LearningRateMonitor",
+}
+#: The keys that say how often a periodic callback runs (at most one per entry).
+PERIOD_KEYS = ("every_n_epochs", "every_n_updates", "every_n_samples")
+_CLASS_PATH_KEYS = ("class_path", "init_args", "dict_kwargs")
+_PACKAGES = ("matsciml.lightning.callbacks", "lightning.pytorch.callbacks")
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _callback_classes() -> list[tuple[str, str]]:
+    """``(class name, import path)`` of the public callback classes: this package's modules, then Lightning's."""
+    import importlib
+    import pkgutil
+
+    modules = []
+    package = importlib.import_module(_PACKAGES[0])
+    modules.append(package)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        try:
+            modules.append(importlib.import_module(f"{_PACKAGES[0]}.{info.name}"))
+        except ImportError:  # a module whose optional dependency is missing offers no short name
+            continue
+    modules.append(importlib.import_module(_PACKAGES[1]))
+    found = []
+    for module in modules:
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name, None)
+            if isinstance(obj, type) and issubclass(obj, Callback) and obj is not Callback:
+                found.append((name, f"{module.__name__}.{name}"))
+    return found
+
+
+def _short_names() -> dict[str, str]:
+    """``{normalised short name: import path}``: the alias table first, then the class names."""
+    table = {_norm(alias): path for alias, path in ALIASES.items()}
+    for name, path in _callback_classes():
+        table.setdefault(_norm(name), path)
+    return table
+
+
+def _display_names() -> list[str]:
+    return list(ALIASES) + sorted({name for name, _ in _callback_classes()})
+
+
+def resolve_kind(kind: Any, where: str = "") -> type:
+    """The callback class named by ``kind`` (a class, an import path, or a short name).
+
+    Raises
+    ------
+    ConfigError
+        Unknown short name (with the closest names) or import path.
+    """
+    at = f"{where}: " if where else ""
+    if isinstance(kind, type):
+        return kind
+    if not isinstance(kind, str) or not kind.strip():
+        raise ConfigError(f"{at}kind must be a class name or an import path, got {kind!r}")
+    kind = kind.strip()
+    if "." in kind:
+        return resolve_class(kind, f"{where}.kind" if where else "kind")
+    path = _short_names().get(_norm(kind))
+    if path is None:
+        raise ConfigError(f"{at}unknown callback kind {kind!r}; {closest(kind, _display_names())}")
+    return resolve_class(path, where)
+
+
+def _accepted(cls: type) -> tuple[list[str], bool]:
+    """(keyword arguments of ``cls``, whether it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return [], True
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _located(err: ConfigError, where: str) -> ConfigError:
+    """``err`` with ``where`` in front when its message does not name it yet."""
+    return err if where in str(err) else ConfigError(f"{where}: {err}")
+
+
+def _construct(cls: type, kwargs: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise _located(err, where) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {cls.__name__} refused its arguments {sorted(kwargs)}: {err}") from None
+
+
+def _check_callback(obj: Any, where: str) -> Any:
+    if not isinstance(obj, Callback):
+        raise ConfigError(
+            f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a lightning.pytorch Callback "
+            "(a pytorch_lightning class path is mapped to lightning.pytorch; other objects cannot be callbacks)"
+        )
+    return obj
+
+
+def _from_class_path(spec: Mapping[str, Any], where: str) -> Any:
+    cls = resolve_class(spec["class_path"], where)
+    unknown = [k for k in spec if k not in _CLASS_PATH_KEYS]
+    if unknown:
+        key = unknown[0]
+        names, _ = _accepted(cls) if isinstance(cls, type) else ([], False)
+        if key in PERIOD_KEYS or key in names:
+            raise ConfigError(
+                f"{where}: key {key!r} next to class_path; put constructor arguments under init_args "
+                f"(or write the entry as kind: {spec['class_path']} with {key!r} beside it)"
+            )
+        if key == "kind":
+            raise ConfigError(f"{where}: give either class_path (with init_args) or kind, not both")
+        raise ConfigError(f"{where}: unknown key {key!r} next to class_path; {closest(key, _CLASS_PATH_KEYS)}")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ConfigError(f"{where}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
+    try:
+        return instantiate(dict(spec), where)
+    except ConfigError as err:
+        raise _located(err, where) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {getattr(cls, '__name__', cls)} refused its init_args: {err}") from None
+
+
+def _from_kind(spec: Mapping[str, Any], where: str) -> Any:
+    cls = resolve_kind(spec["kind"], where)
+    kwargs = {k: v for k, v in spec.items() if k != "kind"}
+    periods = [k for k in PERIOD_KEYS if k in kwargs]
+    if len(periods) > 1:
+        raise ConfigError(f"{where}: give at most one of {', '.join(PERIOD_KEYS)}; found {', '.join(periods)}")
+    names, var_kw = _accepted(cls)
+    if periods and not var_kw and periods[0] not in names:
+        raise ConfigError(
+            f"{where}: kind {spec['kind']!r} ({cls.__name__}) does not run periodically: it takes no {periods[0]}"
+        )
+    if not var_kw:
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} for kind {spec['kind']!r} ({cls.__name__}); "
+                    f"{closest(key, [*names, 'kind'])}"
+                )
+    built = {k: instantiate(v, f"{where}.{k}") for k, v in kwargs.items()}
+    return _construct(cls, built, where)
+
+
+def build_callback(spec: Any, where: str = "callbacks[0]") -> Callback:
+    """Build one callback from a spec (see the module docstring); a ``Callback`` instance is returned as is.
+
+    Raises
+    ------
+    ConfigError
+        A malformed entry, an unknown class, kind or key, or a constructor that refused
+        its arguments; the message starts with ``where``.
+    """
+    if isinstance(spec, Callback):
+        return spec
+    if isinstance(spec, str):
+        spec = {"kind": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(
+            f"{where}: expected a mapping with class_path (and init_args) or kind, or a callback name; got {spec!r}"
+        )
+    if "class_path" in spec:
+        if "kind" in spec:
+            raise ConfigError(f"{where}: give either class_path (with init_args) or kind, not both")
+        return _check_callback(_from_class_path(spec, where), where)
+    if "kind" in spec:
+        return _check_callback(_from_kind(spec, where), where)
+    first = next(iter(spec), None)
+    hint = closest(str(first), ["class_path", "kind"]) if first is not None else ""
+    raise ConfigError(
+        f"{where}: a callback entry needs class_path (Lightning CLI style) or kind (short name or import path)"
+        + (f"; found key {first!r}: {hint}" if hint else "")
+    )
+
+
+def build_callbacks(specs: Any, where: str = "") -> list[Callback]:
+    """Build the callbacks of a YAML list, in list order.
+
+    Parameters
+    ----------
+    specs
+        A list of entries (``None`` gives ``[]``); each a ``class_path`` mapping, a
+        ``kind`` mapping, a short name or import path string, or a ``Callback``.
+    where
+        Where the list comes from, for messages (e.g. ``"trainer.yaml: callbacks"``);
+        entries are named ``<where>[i]``.
+
+    Returns
+    -------
+    list
+        The callbacks, in list order.
+
+    Raises
+    ------
+    ConfigError
+        ``specs`` is not a list, or an entry is wrong (see :func:`build_callback`).
+
+    Example::
+
+        from matsciml.lightning.callbacks.builder import build_callbacks
+
+        callbacks = build_callbacks(
+            [{"kind": "ema", "decay": 0.999}, {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}],
+            where="trainer.yaml: callbacks",
+        )
+        trainer = lightning.pytorch.Trainer(callbacks=callbacks)
+    """
+    name = where or "callbacks"
+    if specs is None:
+        return []
+    if isinstance(specs, (Mapping, str)) or not isinstance(specs, (list, tuple)):
+        raise ConfigError(f"{name}: expected a list of callback entries, got {type(specs).__name__}")
+    return [build_callback(spec, f"{name}[{i}]") for i, spec in enumerate(specs)]
