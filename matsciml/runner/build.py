@@ -20,6 +20,8 @@ __all__ = [
     "trainer_arguments",
     "check_trainer_config",
     "build_callbacks",
+    "runtime_callbacks",
+    "runtime_plugins",
     "build_loggers",
     "build_trainer",
     "build_transforms",
@@ -94,9 +96,12 @@ def check_trainer_config(file: ConfigFile) -> None:
         if not isinstance(specs, list):
             raise ConfigError(f"{file.where(key)}: expected a list of {{class_path: ..., init_args: {{...}}}}")
         for i, spec in enumerate(specs):
+            if key == "callbacks" and (isinstance(spec, str) or (isinstance(spec, dict) and "kind" in spec)):
+                continue  # the ``kind`` style of matsciml.lightning.callbacks.builder
             if not (isinstance(spec, dict) and "class_path" in spec):
+                hint = " or 'kind' (and arguments)" if key == "callbacks" else ""
                 raise ConfigError(
-                    f"{file.where(f'{key}[{i}]')}: expected a mapping with 'class_path' (and 'init_args')"
+                    f"{file.where(f'{key}[{i}]')}: expected a mapping with 'class_path' (and 'init_args'){hint}"
                 )
 
 
@@ -117,6 +122,9 @@ def _with_defaults(spec: dict, defaults: dict[str, Any]) -> dict:
 def build_callbacks(file: ConfigFile, run_dir: str | Path) -> list:
     """Instantiate the trainer config's ``callbacks`` (in list order).
 
+    Entries use the ``class_path``/``init_args`` style or the ``kind`` style of
+    :func:`matsciml.lightning.callbacks.build_callbacks`.
+
     A ``ModelCheckpoint`` without ``dirpath`` writes to ``<run_dir>/checkpoints``; when the
     list has no ``ModelCheckpoint``, one is appended (``save_last=True``) so that every run
     leaves a checkpoint.
@@ -129,17 +137,82 @@ def build_callbacks(file: ConfigFile, run_dir: str | Path) -> list:
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from matsciml.lightning.callbacks.builder import build_callback
+
     ckpt_dir = str(Path(run_dir) / "checkpoints")
     callbacks = []
     for i, spec in enumerate(file.data.get("callbacks") or []):
         where = file.where(f"callbacks[{i}]")
-        cls = _spec_class(spec, where)
-        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
-            spec = _with_defaults(spec, {"dirpath": ckpt_dir})
-        callbacks.append(_instantiate(spec, where))
+        if isinstance(spec, dict) and "class_path" in spec:
+            cls = _spec_class(spec, where)
+            if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+                spec = _with_defaults(spec, {"dirpath": ckpt_dir})
+            callbacks.append(_instantiate(spec, where))
+            continue
+        callback = build_callback(spec, where)
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = ckpt_dir
+        callbacks.append(callback)
     if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True))
     return callbacks
+
+
+def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is_terminal: bool | None = None) -> list:
+    """The config's callbacks plus those every runner trainer has (unless the config lists its own).
+
+    They are appended after the config's callbacks (whose positions error messages name):
+
+    * :class:`~matsciml.lightning.seeding.RNGStateCallback` (random generator states in
+      checkpoints, restored on resume);
+    * :class:`~matsciml.lightning.hpc.PreemptionCheckpoint` (resume checkpoint at the next
+      step boundary after the requeue signal or ``SIGTERM``; requeue under SLURM);
+    * :class:`~matsciml.lightning.progress.LogProgressBar` when standard output is not a
+      terminal (batch logs), unless the config turns the progress bar off or lists a
+      progress bar.
+    """
+    import sys
+
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from matsciml.lightning.hpc import PreemptionCheckpoint
+    from matsciml.lightning.progress import LogProgressBar
+    from matsciml.lightning.seeding import RNGStateCallback
+
+    out = list(callbacks)
+    if not any(isinstance(cb, RNGStateCallback) for cb in out):
+        out.append(RNGStateCallback())
+    if not any(isinstance(cb, PreemptionCheckpoint) for cb in out):
+        out.append(PreemptionCheckpoint())
+    if stdout_is_terminal is None:
+        stdout_is_terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
+    wants_bar = trainer_kwargs.get("enable_progress_bar", True) is not False
+    if wants_bar and not stdout_is_terminal and not any(isinstance(cb, ProgressBar) for cb in out):
+        out.append(LogProgressBar())
+    return out
+
+
+def runtime_plugins(trainer_kwargs: dict[str, Any]) -> list:
+    """The config's ``plugins`` plus atomic checkpoint writes and, under ``srun``, the SLURM environment.
+
+    :class:`~matsciml.lightning.checkpointing.AtomicCheckpointIO` is added unless a
+    ``CheckpointIO`` is given; inside an ``srun`` step, Lightning's ``SLURMEnvironment``
+    with ``auto_requeue=False`` (its requeue handler saves from inside the signal handler;
+    :class:`~matsciml.lightning.hpc.PreemptionCheckpoint` does it at a step boundary).
+    """
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from matsciml.lightning.checkpointing import AtomicCheckpointIO
+    from matsciml.lightning.hpc import is_srun_launched
+
+    given = trainer_kwargs.get("plugins")
+    plugins = list(given) if isinstance(given, (list, tuple)) else ([] if given is None else [given])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if is_srun_launched() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def build_loggers(file: ConfigFile, run_dir: str | Path) -> list:
@@ -199,6 +272,10 @@ def build_trainer(
 ):
     """Build ``lightning.pytorch.Trainer`` from a trainer config.
 
+    Inside an ``srun`` step, ``devices`` and ``num_nodes`` left unset (or ``auto``) come
+    from the allocation (:func:`~matsciml.lightning.hpc.slurm_trainer_arguments`);
+    ``plugins`` get :func:`runtime_plugins`.
+
     Parameters
     ----------
     file
@@ -211,7 +288,8 @@ def build_trainer(
         Arguments the runner sets (e.g. ``inference_mode=False`` for force tasks); they
         win over the config.
     callbacks, loggers
-        Already built lists (default: :func:`build_callbacks`, :func:`build_loggers`).
+        Already built lists (default: :func:`build_callbacks` followed by
+        :func:`runtime_callbacks`, and :func:`build_loggers`).
 
     Raises
     ------
@@ -221,18 +299,24 @@ def build_trainer(
     """
     from lightning.pytorch import Trainer
 
+    from matsciml.lightning.hpc import is_srun_launched, slurm_trainer_arguments
+
     check_trainer_config(file)
     kwargs = merge_sections(file, run_type)
     kwargs.setdefault("default_root_dir", str(run_dir))
     kwargs.update(extra or {})
-    callbacks = build_callbacks(file, run_dir) if callbacks is None else callbacks
+    if is_srun_launched():
+        kwargs = slurm_trainer_arguments(kwargs)
+    kwargs["plugins"] = runtime_plugins(kwargs)
+    if callbacks is None:
+        callbacks = runtime_callbacks(build_callbacks(file, run_dir), kwargs)
     loggers = build_loggers(file, run_dir) if loggers is None else loggers
     try:
         return Trainer(**kwargs, callbacks=callbacks, logger=loggers)
     except Exception as err:  # noqa: BLE001 - Lightning's own refusal, as one line with its origin
         raise ConfigError(
             f"{file.where(f'generic + {run_type}')}: lightning.pytorch.Trainer refused the arguments "
-            f"{ {k: v for k, v in kwargs.items() if k != 'default_root_dir'} }: {_one_line(err)}"
+            f"{ {k: v for k, v in kwargs.items() if k not in ('default_root_dir', 'plugins')} }: {_one_line(err)}"
         ) from None
 
 
@@ -318,7 +402,7 @@ def build_datamodule(
     targets: list[str],
     seed: int | None = None,
 ):
-    """Build :class:`~matsciml.lightning.MatSciMLDataModule` from a dataset config and a model config.
+    """Build the data module (a :class:`~matsciml.runner.data.RunnerDataModule`) from a dataset and a model config.
 
     The run-type section (``debug``/``experiment``) gives the data module's arguments;
     the model config's ``transforms`` become ``dset_kwargs['transforms']``. In debug mode
@@ -331,8 +415,8 @@ def build_datamodule(
         Unknown top-level key or data module argument, an unknown dataset class, a
         missing ``train_path``.
     """
-    from matsciml.lightning.datamodule import MatSciMLDataModule
     from matsciml.runner.configs import DATASET_KEYS
+    from matsciml.runner.data import RunnerDataModule
 
     check_keys(dataset.data, DATASET_KEYS, dataset.where())
     cls = _dataset_class(dataset)
@@ -355,8 +439,8 @@ def build_datamodule(
     kwargs["target_keys"] = list(targets)
     try:
         if use_devset:
-            return MatSciMLDataModule.from_devset(cls, dset_kwargs=dset_kwargs, **kwargs)
-        return MatSciMLDataModule(dataset=cls, dset_kwargs=dset_kwargs, **kwargs)
+            return RunnerDataModule.from_devset(cls, dset_kwargs=dset_kwargs, **kwargs)
+        return RunnerDataModule(dataset=cls, dset_kwargs=dset_kwargs, **kwargs)
     except ConfigError as err:
         raise ConfigError(f"{dataset.where(run_type)}: {_one_line(err)}") from None
     except (TypeError, ValueError) as err:

@@ -4,11 +4,13 @@ Usage::
 
     matsciml-train -e experiments/configs/experiments/devset_energy.yaml \\
         [-t TRAINER] [-m MODELS] [-d DATASETS] [--debug] [-c dataset.debug.batch_size.16 ...] \\
-        [--seed 0] [--run_dir DIR | --log_dir DIR]
+        [--seed 0] [--run_dir DIR | --log_dir DIR] [--resume auto|CHECKPOINT]
     matsciml-train -o            # list models, datasets, targets and tasks
 
 Configuration mistakes end the program with one line ``error: ...`` on stderr and exit
-status 2; see ``docs/runner.rst``.
+status 2; see ``docs/runner.rst``. Training stopped by the requeue signal or ``SIGTERM``
+(see ``docs/hpc.rst``) ends with status 0 when the SLURM job was requeued, else
+``128 + signal number`` (143 after ``SIGTERM``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=None, help="global seed (overrides 'seed:' of the experiment config)"
     )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|CHECKPOINT",
+        help="continue a run: 'auto' = the newest usable checkpoint of the run folder (a fresh start when there is "
+        "none; the default inside a SLURM job, whose run folder is <log_dir>/<experiment>/slurm-<job id>), or a "
+        "checkpoint file; overrides 'resume:' of the experiment config",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--run_dir", type=Path, default=None, help="exact run folder (must be new or empty)")
     group.add_argument(
@@ -128,6 +138,8 @@ def main(argv: Sequence[str] | None = None):
     SystemExit
         Status 2 after printing ``error: <one line>`` to stderr, for a configuration or data
         error (the library functions raise :class:`~matsciml.common.errors.ConfigError`).
+        Called as a console script, after training stopped early on a signal: the status
+        of :class:`~matsciml.lightning.hpc.TrainingPreempted` (0 when requeued).
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
@@ -149,12 +161,15 @@ def main(argv: Sequence[str] | None = None):
             seed=args.seed,
             run_dir=args.run_dir,
             log_dir=args.log_dir,
+            resume=args.resume,
         )
     except (ConfigError, DataError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     if result.summary_text:
-        print(result.summary_text)
+        print(result.summary_text, flush=True)
+    if argv is None and result.preempted is not None:
+        raise SystemExit(result.preempted.code)
     return result if argv is not None else None
 
 

@@ -65,7 +65,7 @@ TASK_ALIASES = {
 #: Tasks the runner can build (classes of ``matsciml.models.base``).
 SUPPORTED_TASKS = ("ScalarRegressionTask", "BinaryClassificationTask", "ForceRegressionTask")
 #: Top-level keys of an experiment config.
-EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir")
+EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir", "resume")
 #: Top-level keys of a trainer config.
 TRAINER_KEYS = ("generic", "debug", "experiment", "callbacks", "loggers")
 #: Top-level keys of a dataset config.
@@ -135,6 +135,10 @@ class ExperimentSpec:
         Global seed, or ``None``.
     log_dir
         Parent folder of run folders from the config (``--log_dir`` wins), or ``None``.
+    resume
+        ``"auto"`` (the newest usable checkpoint of the run folder, if any) or a
+        checkpoint path (relative paths: to the working directory, else beside the
+        experiment file); ``None`` when not given (``--resume`` wins).
     """
 
     file: ConfigFile
@@ -144,6 +148,7 @@ class ExperimentSpec:
     load_weights: dict | None = None
     seed: int | None = None
     log_dir: str | None = None
+    resume: str | None = None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -523,6 +528,7 @@ def parse_experiment(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"{file.where('seed')}: expected an integer, found {seed!r}")
     log_dir = data.get("log_dir")
+    resume = _resume_spec(data.get("resume"), file)
     return ExperimentSpec(
         file=file,
         model=model,
@@ -531,7 +537,22 @@ def parse_experiment(
         load_weights=_load_weights_spec(data.get("load_weights"), file),
         seed=seed,
         log_dir=None if log_dir is None else str(log_dir),
+        resume=resume,
     )
+
+
+def _resume_spec(raw: Any, file: ConfigFile) -> str | None:
+    """``resume:`` of an experiment config: ``auto`` or a checkpoint path (found beside the file when relative)."""
+    if raw is None or raw is False:
+        return None
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"{file.where('resume')}: expected 'auto' or a checkpoint path, found {raw!r}")
+    if raw.strip().lower() == "auto":
+        return "auto"
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and not path.exists() and (file.path.parent / path).exists():
+        path = file.path.parent / path
+    return str(path)
 
 
 def _load_weights_spec(raw: Any, file: ConfigFile) -> dict | None:

@@ -6,6 +6,12 @@ task, loading weights, building the trainer, checking the monitored metric names
 any training; :func:`run_experiment` then writes ``config.yaml``, calls ``trainer.fit``
 and summarises the run.
 
+A run can continue an earlier one: ``resume="auto"`` (``--resume auto``, or ``resume:
+auto`` in the experiment config) starts from the newest usable checkpoint of the run
+folder and starts fresh when there is none; a path resumes that checkpoint. Inside a
+SLURM job the run folder is ``<log_dir>/<experiment>/slurm-<job id>`` and ``auto`` is the
+default, so a requeued job started again with the same command continues by itself.
+
 Example::
 
     from matsciml.runner.experiment import run_experiment
@@ -16,12 +22,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import csv
 import datetime
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from matsciml.common.errors import ConfigError, DataError, closest
 from matsciml.runner import build
@@ -35,7 +46,7 @@ from matsciml.runner.configs import (
     load_yaml,
     parse_experiment,
 )
-from matsciml.runner.run_dir import make_run_dir, write_config
+from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
 from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae
 
 __all__ = ["PreparedRun", "RunResult", "prepare_experiment", "run_experiment", "RUN_DIR_ENV"]
@@ -66,6 +77,10 @@ class PreparedRun:
         The ``-c`` overrides applied.
     loaded_weights
         What :func:`~matsciml.runner.weights.load_weights` loaded, or ``None``.
+    resume
+        ``"auto"``, a checkpoint path, or ``None`` (the resume setting in force).
+    resume_checkpoint
+        The checkpoint training continues from (``None``: a fresh start).
     """
 
     experiment: ExperimentSpec
@@ -80,6 +95,8 @@ class PreparedRun:
     seed: int | None = None
     overrides: list[str] = field(default_factory=list)
     loaded_weights: dict | None = None
+    resume: str | None = None
+    resume_checkpoint: Path | None = None
 
     def resolved_config(self) -> dict[str, Any]:
         """The merged configuration written to ``config.yaml``."""
@@ -102,6 +119,8 @@ class PreparedRun:
                 },
                 "cli_args": list(self.overrides),
                 "load_weights": self.loaded_weights,
+                "resume": self.resume,
+                "slurm_job_id": _slurm_job_id(),
                 "started": datetime.datetime.now().isoformat(timespec="seconds"),
             },
         }
@@ -129,6 +148,12 @@ class RunResult:
         The objects after training (the task holds the best checkpoint's weights when one exists).
     prepared
         The :class:`PreparedRun`.
+    resumed_from
+        The checkpoint the run continued from, or ``None``.
+    preempted
+        The :class:`~matsciml.lightning.hpc.TrainingPreempted` that stopped training early
+        (requeue signal or ``SIGTERM``; its ``checkpoint`` resumes the run), or ``None``
+        when training ran to its end.
     """
 
     run_dir: Path
@@ -142,6 +167,8 @@ class RunResult:
     task: Any
     datamodule: Any
     prepared: PreparedRun
+    resumed_from: str | None = None
+    preempted: Any = None
 
 
 def _resolve(path: str | Path | None, kind: str) -> Path:
@@ -230,6 +257,7 @@ def prepare_experiment(
     seed: int | None = None,
     run_dir: str | Path | None = None,
     log_dir: str | Path | None = None,
+    resume: str | Path | None = None,
 ) -> PreparedRun:
     """Load every config, apply overrides, build and check the data module, task and trainer.
 
@@ -246,13 +274,21 @@ def prepare_experiment(
     seed
         Global seed; wins over the experiment config's ``seed``.
     run_dir, log_dir
-        Exact run folder, or the parent of ``<experiment stem>/<time>`` folders.
+        Exact run folder, or the parent of ``<experiment stem>/<time>`` folders
+        (``<experiment stem>/slurm-<job id>`` inside a SLURM job).
+    resume
+        ``"auto"``: continue from the newest usable checkpoint of the run folder
+        (:func:`~matsciml.lightning.checkpointing.find_resume_checkpoint`), or start fresh
+        when there is none; a path: continue from that checkpoint. Wins over the
+        experiment config's ``resume``; default (neither given): ``"auto"`` inside a
+        SLURM job, else a fresh start. With a resume setting an existing ``run_dir`` is
+        accepted.
 
     Raises
     ------
     ConfigError
         Any configuration mistake (one line naming the YAML file, the key path and the
-        closest valid names).
+        closest valid names); a resume checkpoint that is missing or unusable.
     DataError
         The data do not fit the configuration (prefixed with the dataset config).
     """
@@ -286,7 +322,9 @@ def prepare_experiment(
     if spec.load_weights is not None:
         loaded = load_weights(task, spec.load_weights, experiment.where("load_weights"))
 
-    folder = _run_folder(spec, run_dir, log_dir)
+    resume_setting = _resume_setting(resume, spec)
+    folder = _run_folder(spec, run_dir, log_dir, exist_ok=resume_setting is not None)
+    checkpoint = _resume_checkpoint(resume_setting, folder, spec)
     trainer = build.build_trainer(trainer_file, run_type, folder)
     _check_monitors(trainer, trainer_file, task, datamodule)
     folder.mkdir(parents=True, exist_ok=True)
@@ -304,15 +342,68 @@ def prepare_experiment(
         seed=seed,
         overrides=overrides,
         loaded_weights=loaded,
+        resume=resume_setting,
+        resume_checkpoint=checkpoint,
     )
 
 
-def _run_folder(spec: ExperimentSpec, run_dir: str | Path | None, log_dir: str | Path | None) -> Path:
-    """The run folder; ranks > 0 of a multi-process run reuse rank 0's (passed through the environment)."""
+def _slurm_job_id() -> str | None:
+    """The SLURM job id (see :func:`matsciml.lightning.hpc.slurm_job_id`)."""
+    from matsciml.lightning.hpc import slurm_job_id as job_id
+
+    return job_id()
+
+
+def _resume_setting(resume: str | Path | None, spec: ExperimentSpec) -> str | None:
+    """``--resume`` / ``resume=``, else the config's ``resume``, else ``"auto"`` inside a SLURM job."""
+    if resume is not None:
+        text = str(resume)
+        return "auto" if text.strip().lower() == "auto" else text
+    if spec.resume is not None:
+        return spec.resume
+    return "auto" if _slurm_job_id() is not None else None
+
+
+def _resume_checkpoint(setting: str | None, folder: Path, spec: ExperimentSpec) -> Path | None:
+    """The checkpoint to continue from (``None``: fresh start)."""
+    from matsciml.lightning.checkpointing import find_resume_checkpoint, read_checkpoint_info
+
+    if setting is None:
+        return None
+    if setting == "auto":
+        return find_resume_checkpoint(folder)
+    where = spec.file.where("resume") if spec.resume == setting else "--resume"
+    if not Path(setting).is_file():
+        raise ConfigError(f"{where}: checkpoint {setting} does not exist; give a file or 'auto'")
+    info = read_checkpoint_info(setting)
+    if not info.usable:
+        raise ConfigError(f"{where}: checkpoint {setting} cannot resume a run: it {info.problem}")
+    return Path(setting)
+
+
+def _run_folder(
+    spec: ExperimentSpec, run_dir: str | Path | None, log_dir: str | Path | None, exist_ok: bool = False
+) -> Path:
+    """The run folder; ranks > 0 of a multi-process run reuse rank 0's (passed through the environment).
+
+    Inside a SLURM job (and without ``run_dir``) the folder is named from the job id, the
+    same for every rank and every restart of the job; an existing ``run_dir`` is accepted
+    there too, as every rank and every restart names it.
+    """
+    from matsciml.lightning.hpc import slurm_run_name
+
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:
         return Path(inherited)
-    return make_run_dir(spec.file.name, run_dir=run_dir, log_dir=log_dir or spec.log_dir, create=False)
+    job_name = slurm_run_name()
+    return make_run_dir(
+        spec.file.name,
+        run_dir=run_dir,
+        log_dir=log_dir or spec.log_dir,
+        create=False,
+        name=job_name if run_dir is None else None,
+        exist_ok=exist_ok or job_name is not None,
+    )
 
 
 def _checkpoint_callback(trainer: Any) -> Any:
@@ -359,7 +450,7 @@ def summarize(prepared: PreparedRun) -> tuple[list[TargetSummary], str | None, s
         notes.append("Classification task: see val_<target>_accuracy in metrics.csv.")
     else:
         keys = list(getattr(task, "task_keys", prepared.experiment.task.targets))
-        maes = model_mae(task, dm.val_dataloader(), keys)
+        maes = model_mae(task, dm.eval_dataloader("val"), keys)
         for key in keys:
             base, count = mean_predictor_mae(dm.datasets["train"], dm.datasets["val"], key)
             mae, n = maes[key]
@@ -379,8 +470,13 @@ def run_experiment(
     seed: int | None = None,
     run_dir: str | Path | None = None,
     log_dir: str | Path | None = None,
+    resume: str | Path | None = None,
 ) -> RunResult:
     """Prepare (see :func:`prepare_experiment`), write ``config.yaml``, train, and summarise.
+
+    When the requeue signal or ``SIGTERM`` stops training
+    (:class:`~matsciml.lightning.hpc.PreemptionCheckpoint`), the result carries it in
+    ``preempted`` and there is no summary.
 
     Raises
     ------
@@ -397,14 +493,51 @@ def run_experiment(
         seed=seed,
         run_dir=run_dir,
         log_dir=log_dir,
+        resume=resume,
     )
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from matsciml.lightning.hpc import PreemptionCheckpoint, TrainingPreempted
+    from matsciml.lightning.progress import show_warnings_on_rank_zero_only
+
+    show_warnings_on_rank_zero_only()
     trainer = prepared.trainer
+    for callback in trainer.callbacks:
+        if isinstance(callback, PreemptionCheckpoint):
+            callback.install()  # a signal from now on is kept for the first step boundary
     config_path = prepared.run_dir / "config.yaml"
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            _ = logger.experiment  # loggers set up their folder while it is still empty
-        config_path = write_config(prepared.run_dir, prepared.resolved_config())
-    trainer.fit(prepared.task, datamodule=prepared.datamodule)
+    checkpoint = prepared.resume_checkpoint
+    with warnings.catch_warnings():
+        if checkpoint is not None or config_path.exists():
+            # the run folder of a resumed run is not empty, by design
+            warnings.filterwarnings(
+                "ignore", message=r".*(Experiment logs|Checkpoint) directory .* exists and is not empty"
+            )
+        if trainer.is_global_zero:
+            with _csv_history_kept(trainer):
+                for logger in trainer.loggers:
+                    _ = logger.experiment  # loggers set up their folder while it is still empty
+            config_path = _write_or_extend_config(prepared, config_path)
+        if checkpoint is not None:
+            rank_zero_info(f"Resuming from {checkpoint}")
+        try:
+            trainer.fit(prepared.task, datamodule=prepared.datamodule, ckpt_path=checkpoint)
+        except TrainingPreempted as stop:
+            return RunResult(
+                run_dir=prepared.run_dir,
+                config_path=config_path,
+                metrics_csv=_metrics_csv(trainer),
+                best_checkpoint=None,
+                last_checkpoint=None,
+                targets=[],
+                summary_text=f"Run folder: {prepared.run_dir}\n{stop}" if trainer.is_global_zero else "",
+                trainer=trainer,
+                task=prepared.task,
+                datamodule=prepared.datamodule,
+                prepared=prepared,
+                resumed_from=None if checkpoint is None else str(checkpoint),
+                preempted=stop,
+            )
     targets, best, last, text = summarize(prepared) if trainer.is_global_zero else ([], None, None, "")
     return RunResult(
         run_dir=prepared.run_dir,
@@ -418,4 +551,56 @@ def run_experiment(
         task=prepared.task,
         datamodule=prepared.datamodule,
         prepared=prepared,
+        resumed_from=None if checkpoint is None else str(checkpoint),
     )
+
+
+@contextlib.contextmanager
+def _csv_history_kept(trainer: Any):
+    """Keep the rows of an existing ``metrics.csv`` when a resumed run's CSV logger starts.
+
+    Lightning's CSV writer deletes the metrics file of a non-empty folder when it starts;
+    the file is moved aside meanwhile, put back, and the writer learns its columns so that
+    the rows it appends (and a rewrite of the header) keep every earlier column.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    kept: list[tuple[Any, Path, Path, list[str]]] = []
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+            aside = path.with_name(f".{path.name}.resumed")
+            os.replace(path, aside)
+            kept.append((logger, path, aside, header))
+    try:
+        yield
+    finally:
+        for logger, path, aside, header in kept:
+            os.replace(aside, path)
+            writer = logger.experiment
+            if hasattr(writer, "metrics_keys"):
+                writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+
+
+def _write_or_extend_config(prepared: PreparedRun, path: Path) -> Path:
+    """Write ``config.yaml``; when the folder already has one (a resumed run), keep it and add the restart."""
+    if not path.is_file():
+        return write_config(prepared.run_dir, prepared.resolved_config())
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    run = data.setdefault("run", {})
+    run.setdefault("restarts", []).append(
+        {
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": None if prepared.resume_checkpoint is None else str(prepared.resume_checkpoint),
+            "slurm_job_id": _slurm_job_id(),
+            "cli_args": list(prepared.overrides),
+        }
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

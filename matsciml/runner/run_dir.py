@@ -7,10 +7,13 @@ Layout::
       metrics.csv          CSVLogger's metrics (one row per logging step / epoch)
       hparams.yaml         the task's hyperparameters, written by CSVLogger
       checkpoints/         ModelCheckpoint's files (``last.ckpt`` and the best ones)
+      hpc_ckpt_<n>.ckpt    resume checkpoint written on the requeue signal or SIGTERM
 
 By default a run folder is ``experiments/logs/<experiment stem>/<YYYYmmdd-HHMMSS>``
 relative to the working directory (a ``-1``, ``-2``... suffix keeps two runs started in
-the same second apart).
+the same second apart). Inside a SLURM job it is ``<log_dir>/<experiment stem>/slurm-<job
+id>`` instead: the same for every rank and for every restart of a requeued job, so the
+job finds its own resume checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def make_run_dir(
     log_dir: str | Path | None = None,
     now: datetime.datetime | None = None,
     create: bool = True,
+    name: str | None = None,
+    exist_ok: bool = False,
 ) -> Path:
     """Choose (and by default create) the run folder.
 
@@ -43,7 +48,7 @@ def make_run_dir(
     experiment_name
         Stem of the experiment config; names the folder grouping its runs.
     run_dir
-        Exact folder to use (``--run_dir``). It may exist but must then be empty.
+        Exact folder to use (``--run_dir``). It may exist but must then be empty, unless ``exist_ok``.
     log_dir
         Parent of the experiment folders (``--log_dir``); default ``experiments/logs``.
     now
@@ -51,16 +56,28 @@ def make_run_dir(
     create
         Create the folder (default). ``False`` only chooses a path that does not exist
         yet, so that a run stopped by a configuration error leaves nothing behind.
+    name
+        Fixed folder name under ``<log_dir>/<experiment_name>`` instead of the time stamp
+        (``slurm-<job id>`` in a SLURM job); such a folder may exist.
+    exist_ok
+        Accept a ``run_dir`` that exists and is not empty (a resumed run), default ``False``.
 
     Raises
     ------
     ConfigError
-        ``run_dir`` exists and is not an empty folder (runs never overwrite each other).
+        ``run_dir`` exists and is not an empty folder while ``exist_ok`` is false (runs
+        never overwrite each other), or is a file.
     """
-    if run_dir is not None:
-        path = Path(run_dir)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"--run_dir {path} exists and is not an empty folder; choose a new folder")
+    if run_dir is not None or name is not None:
+        parent = Path(log_dir) if log_dir is not None else DEFAULT_LOG_DIR
+        path = Path(run_dir) if run_dir is not None else parent / experiment_name / str(name)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run folder {path} exists and is a file; choose a folder")
+        if run_dir is not None and not exist_ok and path.exists() and any(path.iterdir()):
+            raise ConfigError(
+                f"--run_dir {path} exists and is not an empty folder; choose a new folder (or --resume auto to "
+                "continue the run in it)"
+            )
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path
