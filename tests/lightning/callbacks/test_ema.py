@@ -253,6 +253,30 @@ def test_matches_torch_ema_within_1e7_after_100_steps(tmp_path):
     assert max((mine[n] - p).abs().max().item() for n, p in module.named_parameters()) > 1e-3
 
 
+def test_matches_torch_ema_within_1e7_after_100_steps_float64(tmp_path):
+    """In float64 rounding is far below the tolerance: the absolute 1e-7 bound holds as stated."""
+
+    class TorchEmaOracle(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.ema = torch_ema.ExponentialMovingAverage(pl_module.parameters(), decay=0.99)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.ema.update()
+
+    torch.manual_seed(1)
+    module = TinyRegressor().double()
+    oracle = TorchEmaOracle()
+    ema = ExponentialMovingAverageCallback(decay=0.99, warmup="torch_ema", keep_raw_weights_after_fit=True)
+    trainer = make_trainer(tmp_path, [ema, oracle], max_epochs=-1, max_steps=100, limit_val_batches=0)
+    trainer.fit(module, FixedBatches([(x.double(), y.double()) for x, y in TRAIN]))
+    assert ema.num_updates == oracle.ema.num_updates == 100
+    mine = ema.ema_state_dict()
+    names = [n for n, _ in module.named_parameters()]
+    worst = max((mine[n] - shadow).abs().max().item() for n, shadow in zip(names, oracle.ema.shadow_params))
+    assert worst < 1e-7
+    assert max((mine[n] - p).abs().max().item() for n, p in module.named_parameters()) > 1e-3
+
+
 def test_import_torch_ema_state_then_continue(tmp_path):
     torch.manual_seed(2)
     module = TinyRegressor()
