@@ -110,12 +110,19 @@ def graph_index(graph: Any) -> torch.Tensor:
     return batch
 
 
-def num_graphs(graph: Any) -> int:
-    """Number of structures in the graph batch."""
+def num_graphs(graph: Any) -> int | torch.SymInt:
+    """Number of structures in the graph batch.
+
+    A Python ``int``, except while the graph is traced by ``torch.export`` with a dynamic
+    number of structures: a symbolic size (``torch.SymInt``) is then returned as is, so
+    that the export does not fix it to the example's value.
+    """
     if is_dgl_graph(graph):
         return int(graph.batch_size)
     n = getattr(graph, "num_graphs", None)
-    return int(n) if n is not None else 1
+    if n is None:
+        return 1
+    return n if isinstance(n, torch.SymInt) else int(n)
 
 
 def num_nodes_per_graph(graph: Any) -> torch.Tensor:

@@ -29,11 +29,12 @@ Two methods, and what each gives with this package's encoders:
     ``torch.export.export`` (non-strict) of the same module with dynamic numbers of
     atoms, edges and structures: one call per batch, a graph of ATen operations that
     :func:`torch.export.load` reads back (and AOTInductor can compile). It needs the
-    forward pass to be free of Python decisions on tensor *values*; the encoders'
-    atomic-number range check (``int(atomic_numbers.min())``), the integer conversion
-    of the number of structures and :class:`~matsciml.models.E3NNEncoder`'s
-    ``if not inside.all()`` are such decisions, and the export then raises
-    :class:`ExportError` naming the line. Encoders without them export.
+    forward pass to be free of Python decisions on tensor *values*. Both
+    :class:`~matsciml.models.PLEGNNBackbone` and :class:`~matsciml.models.E3NNEncoder`
+    skip theirs while exporting (the atomic-number range check; the e3nn encoder's
+    masking of edges past its cutoff, whose messages its envelope already sets to zero),
+    so both export; a module with other such decisions raises :class:`ExportError`
+    naming the line.
 
 Both methods check the artefact before writing it: its predictions on the example batch
 must match the task's to ``atol=rtol=1e-5``.
@@ -389,7 +390,7 @@ def _quiet_torch_logs() -> Iterator[None]:
 
 def _atomic_target(path: Path) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(handle)
     return path, Path(tmp)
 

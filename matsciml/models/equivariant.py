@@ -225,7 +225,8 @@ class E3NNEncoder(nn.Module):
         Messages summed onto an atom are divided by ``sqrt(avg_num_neighbors)``. Default ``None``: set
         from the first batch seen (edges per atom within ``cutoff``) and kept in the ``avg_num_neighbors``
         buffer, saved in checkpoints. Give a number (e.g. the training-set average) for runs that must
-        not depend on the first batch.
+        not depend on the first batch. ``torch.export`` uses the buffer as it is: set it (or run a batch)
+        before exporting.
     readout
         ``"mean"`` (default), ``"sum"`` or ``"max"`` over the atoms of each structure.
     envelope_exponent
@@ -239,6 +240,14 @@ class E3NNEncoder(nn.Module):
     ----------
     embedding_dim : int
         Width ``D`` of both embeddings.
+
+    Notes
+    -----
+    Under ``torch.export`` (``torch.compiler.is_exporting()``) the forward pass takes no decision on
+    tensor values, so that one program serves any number of atoms, edges and structures: edges beyond
+    ``cutoff`` are kept instead of dropped (the envelope is zero there, so their messages vanish and the
+    predictions are the same, at the cost of the extra edges), ``avg_num_neighbors`` is read as a tensor
+    and is not set from the batch, and atomic numbers are not range-checked.
 
     Raises
     ------
@@ -345,14 +354,19 @@ class E3NNEncoder(nn.Module):
         ei = G.edge_index(graph)
         vec = G.edge_vectors(graph)
         length = vec.norm(dim=-1)
-        inside = length < self.cutoff
-        if not bool(inside.all()):
-            ei, vec, length = ei[:, inside], vec[inside], length[inside]
-        n = z.shape[0]
-        if torch.isnan(self.avg_num_neighbors):
-            with torch.no_grad():
-                self.avg_num_neighbors.fill_(max(ei.shape[1] / max(n, 1), 1.0))
-        norm = float(self.avg_num_neighbors) ** -0.5
+        if torch.compiler.is_exporting():
+            # no decision on tensor values: edges beyond the cutoff are kept (their envelope is 0,
+            # so their messages are 0) and avg_num_neighbors is the value already set
+            norm = self.avg_num_neighbors.pow(-0.5)
+        else:
+            inside = length < self.cutoff
+            if not bool(inside.all()):
+                ei, vec, length = ei[:, inside], vec[inside], length[inside]
+            n = z.shape[0]
+            if torch.isnan(self.avg_num_neighbors):
+                with torch.no_grad():
+                    self.avg_num_neighbors.fill_(max(ei.shape[1] / max(n, 1), 1.0))
+            norm = float(self.avg_num_neighbors) ** -0.5
 
         sh = self.spherical_harmonics(vec) * self.envelope(length).unsqueeze(-1)
         radial = self.radial_basis(length)

@@ -143,7 +143,8 @@ class AtomEmbedding(nn.Module):
     Raises
     ------
     DataError
-        In ``forward``, for an atomic number outside ``0 .. num_elements - 1``.
+        In ``forward``, for an atomic number outside ``0 .. num_elements - 1`` (not checked while
+        ``torch.export`` traces the module).
     """
 
     def __init__(self, num_elements: int, embedding_dim: int, **embedding_kwargs) -> None:
@@ -152,8 +153,13 @@ class AtomEmbedding(nn.Module):
         self.embedding = nn.Embedding(self.num_elements, int(embedding_dim), **embedding_kwargs)
 
     def forward(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
-        """Embed ``atomic_numbers`` ``[num_nodes]`` into ``[num_nodes, embedding_dim]``."""
-        if atomic_numbers.numel():
+        """Embed ``atomic_numbers`` ``[num_nodes]`` into ``[num_nodes, embedding_dim]``.
+
+        The range check reads tensor values, so it is skipped while ``torch.export`` traces
+        the model (``torch.compiler.is_exporting()``): an exported program does not check
+        its atomic numbers.
+        """
+        if not torch.compiler.is_exporting() and atomic_numbers.numel():
             lo, hi = int(atomic_numbers.min()), int(atomic_numbers.max())
             if lo < 0 or hi >= self.num_elements:
                 bad = hi if hi >= self.num_elements else lo

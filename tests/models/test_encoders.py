@@ -17,6 +17,7 @@ from ase.neighborlist import neighbor_list
 from e3nn import o3
 from torch_geometric.data import Batch, Data
 
+from matsciml.common import graph as G
 from matsciml.common.config import check_init_args, instantiate
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.models.egnn import PLEGNNBackbone
@@ -435,6 +436,62 @@ def test_avg_num_neighbors_from_first_batch():
         model(graph)
     assert float(model.avg_num_neighbors) == pytest.approx(expected)
     assert "avg_num_neighbors" in model.state_dict()
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+
+class _Graph:
+    """The six graph tensors, read through matsciml.common.graph like a PyG batch."""
+
+    def __init__(self, pos, atomic_numbers, edge_index, cell_shifts, cell, batch) -> None:
+        self.pos, self.atomic_numbers, self.edge_index = pos, atomic_numbers, edge_index
+        self.cell_shifts, self.cell, self.batch = cell_shifts, cell, batch
+
+    @property
+    def num_graphs(self):
+        return self.cell.shape[0]  # symbolic while exporting with a dynamic number of structures
+
+
+class _TensorFront(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pos, atomic_numbers, edge_index, cell_shifts, cell, batch):
+        emb = self.encoder(_Graph(pos, atomic_numbers, edge_index, cell_shifts, cell, batch))
+        return emb.system_embedding, emb.point_embedding
+
+
+def _tensors(graph: Batch) -> tuple[torch.Tensor, ...]:
+    return (graph.pos, graph.atomic_numbers, graph.edge_index, graph.cell_shifts, graph.cell, graph.batch)
+
+
+def test_torch_export_with_dynamic_sizes_matches_eager(model):
+    """One exported program for batches of 2 and 3 structures; graphs longer than the cutoff."""
+    from torch.export import Dim
+
+    model.eval()
+    # built with a radius past the cutoff: E3NNEncoder drops those edges in eager mode and keeps
+    # them (with a zero envelope) in the exported program; the predictions must not differ
+    example = batch_of(random_crystal(30), random_crystal(31), cutoff=CUTOFF + 1.0)
+    other = batch_of(random_crystal(32), random_crystal(33), random_crystal(34), cutoff=CUTOFF + 1.0)
+    assert bool((G.edge_vectors(example).norm(dim=-1) > CUTOFF).any())
+    atoms, edges, graphs = Dim("atoms"), Dim("edges"), Dim("graphs")
+    dynamic = ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, {0: graphs}, {0: atoms})
+    front = _TensorFront(model)
+    with torch.no_grad():
+        program = torch.export.export(front, _tensors(example), dynamic_shapes=dynamic, strict=False)
+        for graph in (example, other):
+            expected = model(graph)
+            system, point = program.module()(*_tensors(graph))
+            assert system.shape == (graph.num_graphs, model.embedding_dim)
+            assert close(system, expected.system_embedding) and close(point, expected.point_embedding)
+    # the eager range check is still there
+    bad = to_graph(random_crystal(35))
+    bad.atomic_numbers[0] = 100
+    with pytest.raises(DataError, match="atomic number 100"):
+        model(bad)
 
 
 def test_registry():
