@@ -18,5 +18,4 @@ autodoc_typehints = "description"
 autodoc_mock_imports = ["dgl"]
 exclude_patterns = ["_build", "dynamics_faults.rst", "callbacks_core.rst"]
 html_theme = "alabaster"
-suppress_warnings = ["autodoc.import_object"]
 nitpicky = False

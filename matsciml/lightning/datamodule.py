@@ -19,15 +19,17 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError
@@ -197,6 +199,20 @@ class MatSciMLDataModule(LightningDataModule):
     The loader's state is stored in checkpoints and a resumed run, from any
     checkpoint, sees exactly the batches an uninterrupted run would. Loaders never
     draw from the global torch RNG.
+
+    **Evaluation under several processes.** The validation, test and prediction
+    loaders Lightning asks for carry a
+    :class:`~lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler`
+    (file order, ``shuffle=False``): rank ``r`` reads items ``r, r + W, ...`` of the
+    set, each structure is evaluated on exactly one rank, and ranks differ by at most
+    one structure (and so by at most one batch). Lightning keeps it (it is a
+    ``DistributedSampler``) instead of padding the set with repeated structures, so
+    the epoch metrics, sums and counts reduced across ranks, equal those of one
+    process. A set smaller than the number of processes is read whole by every rank
+    (with a warning), which keeps means exact and no rank without a batch. The
+    sharding follows the trainer's world size and rank whatever
+    ``Trainer(use_distributed_sampler=...)`` says, as for the training loader.
+    :meth:`eval_dataloader` shards only when asked (``shard=True``).
 
     Parameters
     ----------
@@ -524,11 +540,7 @@ class MatSciMLDataModule(LightningDataModule):
             self.setup("fit")
         dataset = self._get("train", "train_dataloader")
         trainer = self.trainer
-        num_replicas, rank = 1, 0
-        if trainer is not None:
-            sampler_kwargs = trainer.distributed_sampler_kwargs or {}
-            num_replicas = int(sampler_kwargs.get("num_replicas", 1))
-            rank = int(sampler_kwargs.get("rank", 0))
+        num_replicas, rank = self._world()
         loader = ResumableDataLoader(
             dataset,
             shuffle=self.shuffle,
@@ -544,8 +556,44 @@ class MatSciMLDataModule(LightningDataModule):
             loader.attach_trainer(trainer)
         return loader
 
-    def eval_dataloader(self, name: str, batch_size: int | None = None) -> DataLoader:
+    def _world(self) -> tuple[int, int]:
+        """``(number of processes, this process's global rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        sampler_kwargs = trainer.distributed_sampler_kwargs or {}
+        return int(sampler_kwargs.get("num_replicas", 1)), int(sampler_kwargs.get("rank", 0))
+
+    def _eval_sampler(self, dataset: Any, name: str) -> Sampler | None:
+        """This rank's unpadded share of ``dataset`` in file order; ``None`` (sequential) for one process."""
+        num_replicas, rank = self._world()
+        if num_replicas <= 1 or not isinstance(dataset, Sized):
+            return None
+        if len(dataset) < num_replicas:
+            rank_zero_warn(
+                f"the {name!r} set has {len(dataset)} structures for {num_replicas} processes; every process "
+                "evaluates all of them (metrics that are means stay exact, the work is repeated)"
+            )
+            # a DistributedSampler over one replica: Lightning keeps it and every rank reads the whole set
+            return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+        return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def eval_dataloader(self, name: str, batch_size: int | None = None, shard: bool = False) -> DataLoader:
         """Loader in file order over the dataset ``name`` of :attr:`datasets`.
+
+        Parameters
+        ----------
+        name
+            Key of :attr:`datasets` (``"val"``, ``"test"``, an extra name, ...).
+        batch_size
+            Structures per batch; ``None`` (default) uses the data module's.
+        shard
+            ``False`` (default): the whole set, whatever the number of processes (for a
+            loop on one rank, or as a template of loader options). ``True``: under a
+            multi-process trainer, this rank's share with no structure repeated
+            (``UnrepeatedDistributedSampler(dataset, num_replicas, rank, shuffle=False)``;
+            see the class docs), as the validation, test and prediction loaders do;
+            with one process, or no trainer attached, the whole set.
 
         Raises
         ------
@@ -558,23 +606,35 @@ class MatSciMLDataModule(LightningDataModule):
         kwargs = self._loader_kwargs(dataset)
         if batch_size is not None:
             kwargs["batch_size"] = batch_size
-        return DataLoader(dataset, shuffle=False, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+        sampler = self._eval_sampler(dataset, name) if shard else None
+        return DataLoader(
+            dataset, sampler=sampler, shuffle=False, generator=torch.Generator().manual_seed(self.seed), **kwargs
+        )
 
     def _optional_loader(self, name: str) -> DataLoader | list:
         if self._datasets is None:
             self.setup()
-        return self.eval_dataloader(name) if name in self.datasets else []
+        return self.eval_dataloader(name, shard=True) if name in self.datasets else []
 
     def val_dataloader(self) -> DataLoader | list:
-        """Loader over the validation set in file order; ``[]`` (no validation) when there is none."""
+        """Loader over the validation set in file order; ``[]`` (no validation) when there is none.
+
+        Under several processes, this rank's unpadded share (see the class docs).
+        """
         return self._optional_loader("val")
 
     def test_dataloader(self) -> DataLoader | list:
-        """Loader over the test set in file order; ``[]`` when there is none."""
+        """Loader over the test set in file order; ``[]`` when there is none.
+
+        Under several processes, this rank's unpadded share (see the class docs).
+        """
         return self._optional_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """Loader over ``predict_split`` (or the test set when it is ``None``).
+
+        Under several processes, this rank's unpadded share (see the class docs): each
+        structure is predicted on exactly one rank.
 
         Raises
         ------
@@ -586,4 +646,4 @@ class MatSciMLDataModule(LightningDataModule):
         name = "predict" if "predict" in self.datasets else "test"
         if name not in self.datasets:
             raise ConfigError("predict_dataloader: set predict_split (a dataset name or a path) or test_split")
-        return self.eval_dataloader(name)
+        return self.eval_dataloader(name, shard=True)

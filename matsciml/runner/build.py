@@ -402,7 +402,7 @@ def build_datamodule(
     targets: list[str],
     seed: int | None = None,
 ):
-    """Build the data module (a :class:`~matsciml.runner.data.RunnerDataModule`) from a dataset and a model config.
+    """Build the :class:`~matsciml.lightning.MatSciMLDataModule` of a dataset and a model config.
 
     The run-type section (``debug``/``experiment``) gives the data module's arguments;
     the model config's ``transforms`` become ``dset_kwargs['transforms']``. In debug mode
@@ -415,8 +415,8 @@ def build_datamodule(
         Unknown top-level key or data module argument, an unknown dataset class, a
         missing ``train_path``.
     """
+    from matsciml.lightning.datamodule import MatSciMLDataModule
     from matsciml.runner.configs import DATASET_KEYS
-    from matsciml.runner.data import RunnerDataModule
 
     check_keys(dataset.data, DATASET_KEYS, dataset.where())
     cls = _dataset_class(dataset)
@@ -439,8 +439,8 @@ def build_datamodule(
     kwargs["target_keys"] = list(targets)
     try:
         if use_devset:
-            return RunnerDataModule.from_devset(cls, dset_kwargs=dset_kwargs, **kwargs)
-        return RunnerDataModule(dataset=cls, dset_kwargs=dset_kwargs, **kwargs)
+            return MatSciMLDataModule.from_devset(cls, dset_kwargs=dset_kwargs, **kwargs)
+        return MatSciMLDataModule(dataset=cls, dset_kwargs=dset_kwargs, **kwargs)
     except ConfigError as err:
         raise ConfigError(f"{dataset.where(run_type)}: {_one_line(err)}") from None
     except (TypeError, ValueError) as err:

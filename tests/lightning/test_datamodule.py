@@ -1,10 +1,19 @@
-"""MatSciMLDataModule: dataset construction, seeded splits, named datasets, validation, real data."""
+"""MatSciMLDataModule: dataset construction, seeded splits, named datasets, validation, real data, DDP evaluation.
+
+Run as a script (``python test_datamodule.py --ddp-worker OUT_DIR``), this file is the
+two-process worker of :func:`test_ddp_validation_matches_one_process`.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +23,8 @@ from matsciml.common.errors import ConfigError
 from matsciml.lightning import MatSciMLDataModule
 from matsciml.lightning.datamodule import fractional_split
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / ".." / "shared" / "data"
 
 
 class ListDataset(Dataset):
@@ -343,3 +353,183 @@ def test_structure_devset(monkeypatch, tmp_path):
     torch.testing.assert_close(
         batch["targets"]["energy"].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6
     )
+
+
+# --------------------------------------------------------------------------- evaluation under several processes
+def _attach(dm: MatSciMLDataModule, num_replicas: int, rank: int) -> None:
+    """Attach a stand-in trainer that reports ``num_replicas`` processes (as a DDP strategy does)."""
+    dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": num_replicas, "rank": rank})
+
+
+def test_eval_loaders_are_unpadded_shards():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    dm = MatSciMLDataModule(dataset=ListDataset(50), val_split=0.22, test_split=0.1, batch_size=4, seed=3)
+    dm.setup()
+    val = fractional_split(50, 0.22, 0.1, 3)["val"]
+    test = fractional_split(50, 0.22, 0.1, 3)["test"]
+    assert len(val) == 11  # odd: a padded sampler would repeat val[0] on rank 2
+    shares = {}
+    for rank in range(3):
+        _attach(dm, 3, rank)
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
+        shares[rank] = [v for batch in loader for v in batch]
+        # oracle: the strided share of the file order, no padding
+        assert shares[rank] == val[rank::3]
+        assert [v for b in dm.test_dataloader() for v in b] == test[rank::3]
+        assert [v for b in dm.predict_dataloader() for v in b] == test[rank::3]
+        assert [v for b in dm.eval_dataloader("val", shard=True) for v in b] == val[rank::3]
+        # without shard=True the whole set, on every rank (a loop on rank 0, a template of options)
+        assert [v for b in dm.eval_dataloader("val") for v in b] == val
+    assert sorted(v for share in shares.values() for v in share) == val  # each structure on exactly one rank
+    assert [len(share) for share in shares.values()] == [4, 4, 3]
+    # one process, or no trainer: plain sequential loaders
+    _attach(dm, 1, 0)
+    assert [v for b in dm.val_dataloader() for v in b] == val
+    dm.trainer = None
+    assert [v for b in dm.val_dataloader() for v in b] == val
+
+
+def test_eval_set_smaller_than_the_world_is_read_whole_by_every_rank():
+    dm = MatSciMLDataModule(dataset=ListDataset(20), val_split=0.1, batch_size=4)
+    dm.setup()
+    val = fractional_split(20, 0.1, 0, 0)["val"]
+    assert len(val) == 2
+    for rank in range(3):
+        _attach(dm, 3, rank)
+        with pytest.warns(UserWarning, match="'val' set has 2 structures for 3 processes"):
+            loader = dm.val_dataloader()
+        # a DistributedSampler (Lightning keeps it) that gives every rank the whole set: no rank without a batch
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert [v for b in loader for v in b] == val
+
+
+# A small regression task on 9 devset structures split 5 / 4 over two ranks: batches of 2 give the ranks 3 and 2
+# batches (uneven inputs), and a padded sampler would count structure 0 twice.
+DDP_DEVSET, DDP_VAL_SPLIT, DDP_BATCH, DDP_VAL = 30, 0.3, 2, 9
+DDP_EGNN = {
+    "embed_in_dim": 8,
+    "embed_hidden_dim": 8,
+    "embed_out_dim": 8,
+    "embed_depth": 1,
+    "embed_feat_dims": [8],
+    "embed_message_dims": [8],
+    "embed_position_dims": [],
+    "embed_edge_attributes_dim": 0,
+    "embed_activation": "silu",
+    "embed_residual": True,
+    "embed_normalize": True,
+    "embed_tanh": True,
+    "embed_activate_last": False,
+    "embed_k_linears": 1,
+    "embed_use_attention": False,
+    "embed_attention_norm": "sigmoid",
+    "readout": "sum",
+    "node_projection_depth": 1,
+    "node_projection_hidden_dim": 8,
+    "node_projection_activation": "silu",
+    "prediction_out_dim": 1,
+    "prediction_depth": 1,
+    "prediction_hidden_dim": 8,
+    "prediction_activation": "silu",
+    "encoder_only": True,
+    "cutoff": 5.0,
+}
+
+
+def _ddp_datamodule() -> MatSciMLDataModule:
+    return MatSciMLDataModule.from_devset(
+        dset_kwargs={"n": DDP_DEVSET}, val_split=DDP_VAL_SPLIT, target_keys=["energy"], batch_size=DDP_BATCH
+    )
+
+
+def _ddp_task():
+    from matsciml.models.tasks.scalar import ScalarRegressionTask
+
+    torch.manual_seed(0)
+    return ScalarRegressionTask(
+        encoder_class="PLEGNNBackbone", encoder_kwargs=DDP_EGNN, task_keys=["energy"], output_kwargs={"hidden_dim": 8}
+    )
+
+
+def _ddp_worker(out: Path) -> None:
+    """``trainer.validate`` on two gloo processes with the data module used directly (Lightning's defaults)."""
+    import logging
+
+    import lightning.pytorch as pl
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    task, dm = _ddp_task(), _ddp_datamodule()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    (metrics,) = trainer.validate(task, datamodule=dm)
+    sampler = trainer.val_dataloaders.sampler
+    rank = trainer.global_rank
+    record = {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "sampler": type(sampler).__name__,
+        "indices": [int(i) for i in sampler],
+        "batches": [int(n) for n in trainer.num_val_batches],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0:
+        torch.save(task.state_dict(), out / "weights.pt")
+
+
+@pytest.mark.slow
+def test_ddp_validation_matches_one_process(tmp_path, monkeypatch):
+    """Validation MAE of 2 gloo processes = MAE of a plain loop in one process over the same 9 structures."""
+    pytest.importorskip("matsciml.datasets.devset")
+    pytest.importorskip("matsciml.models.tasks.scalar")
+    monkeypatch.setenv("MATSCIML_CACHE", str(tmp_path / "cache"))
+    dm = _ddp_datamodule()
+    dm.setup()  # writes the devset once, before the two processes read it
+    assert len(dm.datasets["val"]) == DDP_VAL
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "LOCAL_RANK", "NODE_RANK"))}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--ddp-worker", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Lightning kept the data module's sampler: unpadded shards of unequal length, each structure once
+    assert [r["sampler"] for r in ranks] == ["UnrepeatedDistributedSampler"] * 2
+    assert ranks[0]["indices"] == list(range(0, DDP_VAL, 2)) and ranks[1]["indices"] == list(range(1, DDP_VAL, 2))
+    assert [r["batches"] for r in ranks] == [[3], [2]]
+
+    # oracle: the same weights, a plain loop over the whole validation set in this process
+    task = _ddp_task()
+    task.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    task.eval()
+    errors = []
+    with torch.no_grad():
+        for batch in dm.eval_dataloader("val"):
+            pred = task(batch)["energy"].reshape(-1).double()
+            errors += (pred - batch["targets"]["energy"].reshape(-1).double()).abs().tolist()
+    assert len(errors) == DDP_VAL
+    expected = sum(errors) / DDP_VAL
+    padded = (sum(errors) + errors[0]) / (DDP_VAL + 1)  # DistributedSampler's padding: structure 0 twice
+    for r in ranks:  # the epoch metric is reduced across ranks: both report the global value
+        assert r["metrics"]["val_energy_mae"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert abs(padded - expected) > 1e-3 * expected
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--ddp-worker"]:
+    _ddp_worker(Path(sys.argv[2]))
