@@ -482,6 +482,45 @@ def test_scalar_regression_task_metrics_equal_checkpoint_loaded_without_callback
     assert bare.validate(raw, val, verbose=False)[0]["val_loss"] != pytest.approx(without_callback["val_loss"])
 
 
+def test_runner_load_weights_takes_the_ema_weights(tmp_path):
+    """The runner's ``load_weights`` (both methods) gives the EMA weights of an EMA run's checkpoint."""
+    base = pytest.importorskip("matsciml.models.base")
+    from matsciml.runner.weights import load_weights
+
+    def new_task():
+        return base.ScalarRegressionTask(
+            encoder_class="ema_ddp_script.FeatureEncoder",
+            encoder_kwargs={"in_dim": 4, "embedding_dim": 8},
+            task_keys=["energy"],
+            output_kwargs={"hidden_dim": 8},
+            lr=1e-2,
+        )
+
+    torch.manual_seed(7)
+    task = new_task()
+    ema = ExponentialMovingAverageCallback(decay=0.7, keep_raw_weights_after_fit=True)
+    trainer = make_trainer(tmp_path, [ema], max_epochs=2, limit_val_batches=0)
+    trainer.fit(task, FixedBatches(task_batches(4, seed=0)))
+    path = tmp_path / "ema_run.ckpt"
+    trainer.save_checkpoint(path)
+    ema_weights, raw_weights = ema.ema_state_dict(), ema.raw_state_dict()
+    assert max((ema_weights[k] - raw_weights[k]).abs().max().item() for k in ema_weights) > 1e-4
+
+    whole = new_task()
+    load_weights(whole, {"method": "checkpoint", "type": "local", "path": str(path)})
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, ema_weights[name]), name
+
+    torch.manual_seed(99)
+    encoder_only = new_task()
+    heads_before = {k: v.clone() for k, v in encoder_only.output_heads.state_dict().items()}
+    load_weights(encoder_only, {"method": "pretrained", "type": "local", "path": str(path)})
+    for name, value in encoder_only.encoder.state_dict().items():
+        assert torch.equal(value, ema_weights[f"encoder.{name}"]), name
+    for name, value in encoder_only.output_heads.state_dict().items():
+        assert torch.equal(value, heads_before[name]), name
+
+
 # ---------------------------------------------------------------------------- resume
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
