@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._steps import OptimizerStepWatch
 
 __all__ = ["GarbageCallback"]
 
@@ -69,20 +70,19 @@ class GarbageCallback(Callback):
         self.frequency = frequency
         self.generation = generation
         self.collections = 0
-        self._last_step: int | None = None
+        self._steps = OptimizerStepWatch()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._steps.reset(trainer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.advanced(trainer):
             return  # accumulating gradients: no optimizer step since the last call
-        self._last_step = step
+        step = trainer.global_step
         if step % self.frequency == 0:
             gc.collect(self.generation)
             self.collections += 1

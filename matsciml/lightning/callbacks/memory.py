@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._steps import OptimizerStepWatch
 from matsciml.lightning.callbacks.reporting import log_scalars
 
 __all__ = ["PeakMemoryCallback", "rss_bytes", "peak_rss_bytes", "memory_snapshot"]
@@ -152,7 +153,7 @@ class PeakMemoryCallback(Callback):
         self.reset_cuda_peak = bool(reset_cuda_peak)
         self.peaks: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self._last_step: int | None = None
+        self._steps = OptimizerStepWatch()
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         values = memory_snapshot(pl_module.device, reset_cuda_peak=self.reset_cuda_peak)
@@ -171,7 +172,7 @@ class PeakMemoryCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._steps.reset(trainer)
         device = pl_module.device
         if self.reset_cuda_peak and device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(device)
@@ -180,10 +181,9 @@ class PeakMemoryCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.advanced(trainer):
             return  # accumulating gradients: no optimizer step since the last call
-        self._last_step = step
+        step = trainer.global_step
         if step % self.every_n_steps == 0:
             self._record(trainer, pl_module, step)
 

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._steps import OptimizerStepWatch
 from matsciml.lightning.callbacks.reporting import run_folder
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
@@ -190,7 +191,7 @@ class TrainingDynamicsReport(Callback):
         self.panel_titles: tuple[str, ...] = ()
         self._tap: _MetricTap | None = None
         self._had_loggers = False
-        self._last_step: int | None = None
+        self._steps = OptimizerStepWatch()
         self._epochs = 0
         self._title = ""
 
@@ -226,16 +227,15 @@ class TrainingDynamicsReport(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._steps.reset(trainer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
+        if not self._steps.advanced(trainer):
             return  # accumulating gradients: no optimizer step since the last call
-        self._last_step = step
+        step = trainer.global_step
         every = self.every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
         if step % every != 0 and step != 1:
             return
