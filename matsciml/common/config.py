@@ -14,63 +14,32 @@ Example YAML::
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
 from matsciml.common.errors import ConfigError, closest
+from matsciml.registry import resolve
 
 __all__ = ["resolve_class", "instantiate", "instantiate_all", "is_spec", "check_init_args"]
 
-_PREFIX_MAP = {"pytorch_lightning.": "lightning.pytorch."}
-
-
-def _normalise_path(path: str) -> str:
-    for old, new in _PREFIX_MAP.items():
-        if path.startswith(old):
-            return new + path[len(old) :]
-    return path
-
 
 def resolve_class(path: str | type, where: str = "") -> Any:
-    """Import ``path`` (``"package.module.Name"``) and return the object.
+    """Return the object named by ``path``: a registered short name or a dotted import path.
 
     Parameters
     ----------
     path
-        Dotted import path, or an already imported class (returned unchanged).
+        ``"E3NNEncoder"`` (any name of :mod:`matsciml.registry`), ``"torch.nn.SiLU"``, or an
+        already imported class (returned unchanged).
     where
         Where the path came from (file and key), used in error messages.
 
     Raises
     ------
     ConfigError
-        The module or the name does not exist; the message lists the closest names.
+        Unknown name or unimportable path; the message lists the closest names.
     """
-    if not isinstance(path, str):
-        return path
-    at = f" ({where})" if where else ""
-    path = _normalise_path(path.strip())
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"class_path {path!r}{at} is not a dotted import path like 'torch.nn.SiLU'")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        parent, _, child = module_name.rpartition(".")
-        hint = ""
-        if parent:
-            try:
-                pmod = importlib.import_module(parent)
-                hint = "; " + closest(child, [n for n in dir(pmod) if not n.startswith("_")])
-            except ImportError:
-                pass
-        raise ConfigError(f"class_path {path!r}{at}: cannot import module {module_name!r} ({err}){hint}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        names = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(f"class_path {path!r}{at}: {module_name} has no {attr!r}; {closest(attr, names)}") from None
+    return resolve(path, None, where)
 
 
 def is_spec(value: Any) -> bool:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.embeddings import Embeddings
-from matsciml.models.encoders import ENCODERS, get_encoder_class
+from matsciml.models.encoders import get_encoder_class
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
 from matsciml.models.heads import OutputHead
 from matsciml.models.tasks import (
-    TASKS,
     BaseTaskModule,
     BinaryClassificationTask,
     ForceRegressionTask,
@@ -25,10 +24,8 @@ __all__ = [
     "E3NNEncoder",
     "NequIPEncoder",
     "Embeddings",
-    "ENCODERS",
     "get_encoder_class",
     "OutputHead",
-    "TASKS",
     "get_task_class",
     "BaseTaskModule",
     "ScalarRegressionTask",

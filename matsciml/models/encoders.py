@@ -1,4 +1,4 @@
-"""Registry of the encoders, by class name.
+"""The toolkit's encoders, registered by class name in :mod:`matsciml.registry`.
 
 Every encoder follows the same contract: ``forward(batch)`` takes a batch dict (with
 ``"graph"``) or a graph, computes edge vectors from positions, and returns
@@ -8,18 +8,16 @@ Every encoder follows the same contract: ``forward(batch)`` takes a batch dict (
 
 from __future__ import annotations
 
-from matsciml.common.errors import ConfigError, closest
 from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
+from matsciml.registry import lookup, register_encoder
 
-__all__ = ["ENCODERS", "get_encoder_class"]
+__all__ = ["get_encoder_class"]
 
-#: Encoder classes by name.
-ENCODERS: dict[str, type] = {
-    "PLEGNNBackbone": PLEGNNBackbone,
-    "E3NNEncoder": E3NNEncoder,
-    "NequIPEncoder": NequIPEncoder,
-}
+register_encoder(PLEGNNBackbone)
+register_encoder(E3NNEncoder, aliases=["NequIPEncoder"] if NequIPEncoder is E3NNEncoder else ())
+if NequIPEncoder is not E3NNEncoder:  # pragma: no cover - kept as an alias today
+    register_encoder(NequIPEncoder)
 
 
 def get_encoder_class(name: str | type) -> type:
@@ -28,21 +26,13 @@ def get_encoder_class(name: str | type) -> type:
     Parameters
     ----------
     name
-        A registered name (``"PLEGNNBackbone"``, ``"E3NNEncoder"``, ``"NequIPEncoder"``), a dotted
-        import path (``"matsciml.models.PLEGNNBackbone"``, or any importable class), or a class
-        (returned unchanged).
+        A registered name (``"PLEGNNBackbone"``, ``"E3NNEncoder"``, ...; see
+        :func:`matsciml.registry.names` ``("encoder")``), a dotted import path
+        (``"matsciml.models.PLEGNNBackbone"``, or any importable class), or a class (returned unchanged).
 
     Raises
     ------
     ConfigError
         Unknown name (the message lists the closest registered names) or unimportable path.
     """
-    if isinstance(name, type):
-        return name
-    if name in ENCODERS:
-        return ENCODERS[name]
-    if "." in name:
-        from matsciml.common.config import resolve_class
-
-        return resolve_class(name, "encoder class")
-    raise ConfigError(f"unknown encoder {name!r}; {closest(name, ENCODERS)}")
+    return lookup("encoder", name, "encoder class")

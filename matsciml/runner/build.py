@@ -14,6 +14,7 @@ from typing import Any
 
 from matsciml.common.config import check_init_args, instantiate, is_spec, resolve_class
 from matsciml.common.errors import ConfigError, closest
+from matsciml.registry import lookup
 from matsciml.runner.configs import TRAINER_KEYS, ConfigFile, check_keys, merge_sections
 
 __all__ = [
@@ -453,14 +454,13 @@ def build_datamodule(
 
 
 def task_class(name: str, where: str = "") -> type:
-    """The task class ``matsciml.models.base.<name>``."""
-    import matsciml.models.base as base
+    """The task class registered as ``name`` (or at the import path ``name``)."""
+    from matsciml.models.tasks import get_task_class
 
-    cls = getattr(base, name, None)
-    if cls is None:
-        names = [n for n in dir(base) if n.endswith("Task")]
-        raise ConfigError(f"{where}: unknown task {name!r}; {closest(name, names)}")
-    return cls
+    try:
+        return get_task_class(name, where)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {_one_line(err)}" if where else _one_line(err)) from None
 
 
 def _task_parameters(cls: type) -> list[str]:
@@ -507,7 +507,7 @@ def _check_encoder(kwargs: dict[str, Any], model: ConfigFile) -> None:
         check_keys(spec, ("class_path", "init_args"), model.where("encoder_class"))
     if not isinstance(path, str):
         raise ConfigError(f"{model.where('encoder_class')}: expected {{class_path: <module.Class>}} or a dotted path")
-    cls = resolve_class(path, model.where("encoder_class.class_path"))
+    cls = lookup("encoder", path, model.where("encoder_class.class_path"))
     enc_kwargs = kwargs.get("encoder_kwargs") or {}
     if not isinstance(enc_kwargs, dict):
         raise ConfigError(f"{model.where('encoder_kwargs')}: expected a mapping of encoder arguments")

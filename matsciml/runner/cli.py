@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_options(model_path: Path | None = None, dataset_path: Path | None = None) -> str:
     """The ``-o`` listing: models, datasets with their ``target_keys``, and tasks."""
-    from matsciml.runner.configs import SUPPORTED_TASKS, TASK_ALIASES, default_config_path, load_registry
+    from matsciml.registry import names
+    from matsciml.runner.configs import default_config_path, load_registry
 
     model_path = model_path or default_config_path("models")
     dataset_path = dataset_path or default_config_path("datasets")
@@ -109,8 +110,14 @@ def format_options(model_path: Path | None = None, dataset_path: Path | None = N
         targets = file.data.get("target_keys") or []
         cls = file.data.get("dataset", "?")
         lines.append(f"  {name:<20s} {cls}: {', '.join(map(str, targets)) or '(no target_keys listed)'}")
-    aliases = ", ".join(f"{old} = {new}" for old, new in TASK_ALIASES.items())
-    lines += ["", "Tasks:", "  " + ", ".join(SUPPORTED_TASKS), f"  (older names: {aliases})"]
+    lines += [
+        "",
+        "Tasks:",
+        "  " + ", ".join(names("task")),
+        "  (names and aliases: " + ", ".join(names("task", True)) + ")",
+    ]
+    lines += ["", "Encoders:", "  " + ", ".join(names("encoder"))]
+    lines += ["", "Dataset classes:", "  " + ", ".join(names("dataset"))]
     return "\n".join(lines)
 
 

@@ -37,7 +37,6 @@ __all__ = [
     "ConfigFile",
     "TaskSpec",
     "ExperimentSpec",
-    "TASK_ALIASES",
     "EXPERIMENT_KEYS",
     "TRAINER_KEYS",
     "DATASET_KEYS",
@@ -56,14 +55,6 @@ __all__ = [
     "parse_experiment",
 ]
 
-#: Old experiment-config task names and the task classes they stand for.
-TASK_ALIASES = {
-    "scalar_regression": "ScalarRegressionTask",
-    "binary_classification": "BinaryClassificationTask",
-    "force_regression": "ForceRegressionTask",
-}
-#: Tasks the runner can build (classes of ``matsciml.models.base``).
-SUPPORTED_TASKS = ("ScalarRegressionTask", "BinaryClassificationTask", "ForceRegressionTask")
 #: Top-level keys of an experiment config.
 EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir", "resume")
 #: Top-level keys of a trainer config.
@@ -460,12 +451,10 @@ def _targets(raw: Any, where: str) -> list[str]:
 
 
 def _task_name(spec: TaskSpec) -> str:
-    name = TASK_ALIASES.get(spec.task, spec.task)
-    if name not in SUPPORTED_TASKS:
-        raise ConfigError(
-            f"{spec.where}: unknown task {spec.task!r}; {closest(spec.task, list(SUPPORTED_TASKS) + list(TASK_ALIASES))}"
-        )
-    return name
+    from matsciml.registry import lookup
+
+    cls = lookup("task", spec.task, spec.where)
+    return cls.__name__
 
 
 def parse_experiment(

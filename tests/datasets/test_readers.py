@@ -19,8 +19,9 @@ import torch
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.datasets.readers import LMDBReader, detect_format, write_lmdb
 from matsciml.datasets.readers.lmdb_format import METADATA_KEY
-from matsciml.datasets.registry import DATASETS, available_datasets, get_dataset_class, register_dataset
+from matsciml.datasets.registry import available_datasets, get_dataset_class, register_dataset
 from matsciml.datasets.structure_dataset import EMTAlloyDataset, StructureDataset
+from matsciml.registry import registry
 
 SCHEMA_KEYS = {"pos", "atomic_numbers", "cell", "pbc", "natoms", "id", "source", "targets"}
 
@@ -450,7 +451,7 @@ def test_from_devset_and_registry(tmp_path, monkeypatch):
         register_dataset(Mine)
         assert get_dataset_class("Mine") is Mine
     finally:
-        DATASETS.pop("Mine", None)
+        registry.remove("dataset", "Mine")
 
 
 # ----------------------------------------------------------------------------- real data

@@ -21,7 +21,7 @@ from matsciml.common import graph as G
 from matsciml.common.config import check_init_args, instantiate
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.models.egnn import PLEGNNBackbone
-from matsciml.models.encoders import ENCODERS, get_encoder_class
+from matsciml.models.encoders import get_encoder_class
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder, plan_irreps
 from matsciml.models.layers import (
     BesselBasis,
@@ -33,6 +33,7 @@ from matsciml.models.layers import (
     scatter_mean,
     scatter_sum,
 )
+from matsciml.registry import names
 
 CUTOFF = 4.0
 DTYPE = torch.float64
@@ -498,7 +499,7 @@ def test_registry():
     assert get_encoder_class("PLEGNNBackbone") is PLEGNNBackbone
     assert get_encoder_class("E3NNEncoder") is E3NNEncoder is NequIPEncoder
     assert get_encoder_class("matsciml.models.egnn.PLEGNNBackbone") is PLEGNNBackbone
-    assert set(ENCODERS) >= {"PLEGNNBackbone", "E3NNEncoder", "NequIPEncoder"}
+    assert set(names("encoder", aliases=True)) >= {"PLEGNNBackbone", "E3NNEncoder", "NequIPEncoder"}
     with pytest.raises(ConfigError, match="PLEGNNBackbone"):
         get_encoder_class("PLEGNNBackbon")
 

@@ -8,5 +8,9 @@ from __future__ import annotations
 
 from matsciml.datasets.transforms.graph import PointCloudToGraphTransform
 from matsciml.datasets.transforms.periodic import PeriodicPropertiesTransform
+from matsciml.registry import register_transform
 
 __all__ = ["PeriodicPropertiesTransform", "PointCloudToGraphTransform"]
+
+for _cls in (PeriodicPropertiesTransform, PointCloudToGraphTransform):
+    register_transform(_cls)

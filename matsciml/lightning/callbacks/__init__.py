@@ -22,9 +22,11 @@ Configuration
 
 from __future__ import annotations
 
+import sys
+
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
-from matsciml.lightning.callbacks.builder import build_callbacks
+from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
 from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.events import fire_event
@@ -85,3 +87,5 @@ __all__ = [
     "MetadataLogger",
     "build_callbacks",
 ]
+
+register_builtin_callbacks(sys.modules[__name__])

@@ -47,8 +47,9 @@ from lightning.pytorch.callbacks import Callback
 
 from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError, closest
+from matsciml.registry import import_path, registry
 
-__all__ = ["ALIASES", "PERIOD_KEYS", "build_callbacks", "build_callback", "resolve_kind"]
+__all__ = ["ALIASES", "PERIOD_KEYS", "build_callbacks", "build_callback", "resolve_kind", "register_builtin_callbacks"]
 
 #: Short names of callbacks (matched ignoring case, ``_`` and ``-``).
 ALIASES: dict[str, str] = {
@@ -66,52 +67,31 @@ ALIASES: dict[str, str] = {
 #: The keys that say how often a periodic callback runs (at most one per entry).
 PERIOD_KEYS = ("every_n_epochs", "every_n_updates", "every_n_samples")
 _CLASS_PATH_KEYS = ("class_path", "init_args", "dict_kwargs")
-_PACKAGES = ("matsciml.lightning.callbacks", "lightning.pytorch.callbacks")
 
 
-def _norm(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
+def register_builtin_callbacks(package: Any) -> None:
+    """Register the public callback classes of ``package`` and of Lightning, and :data:`ALIASES`.
 
+    Called once by ``matsciml.lightning.callbacks`` at import; afterwards every name of
+    :func:`matsciml.registry.names` ``("callback")`` works as ``kind:`` and as ``class_path:``.
+    """
+    import lightning.pytorch.callbacks as pl_callbacks
 
-def _callback_classes() -> list[tuple[str, str]]:
-    """``(class name, import path)`` of the public callback classes: this package's modules, then Lightning's."""
-    import importlib
-    import pkgutil
-
-    modules = []
-    package = importlib.import_module(_PACKAGES[0])
-    modules.append(package)
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_"):
-            continue
-        try:
-            modules.append(importlib.import_module(f"{_PACKAGES[0]}.{info.name}"))
-        except ImportError:  # a module whose optional dependency is missing offers no short name
-            continue
-    modules.append(importlib.import_module(_PACKAGES[1]))
-    found = []
-    for module in modules:
+    for module in (package, pl_callbacks):
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name, None)
             if isinstance(obj, type) and issubclass(obj, Callback) and obj is not Callback:
-                found.append((name, f"{module.__name__}.{name}"))
-    return found
-
-
-def _short_names() -> dict[str, str]:
-    """``{normalised short name: import path}``: the alias table first, then the class names."""
-    table = {_norm(alias): path for alias, path in ALIASES.items()}
-    for name, path in _callback_classes():
-        table.setdefault(_norm(name), path)
-    return table
-
-
-def _display_names() -> list[str]:
-    return list(ALIASES) + sorted({name for name, _ in _callback_classes()})
+                if registry.find("callback", name) is None:
+                    registry.add("callback", obj, name)
+    for alias, path in ALIASES.items():
+        cls = import_path(path)
+        if registry.find("callback", cls.__name__) is None:
+            registry.add("callback", cls)
+        registry.add("callback", cls, cls.__name__, aliases=[alias])
 
 
 def resolve_kind(kind: Any, where: str = "") -> type:
-    """The callback class named by ``kind`` (a class, an import path, or a short name).
+    """The callback class named by ``kind`` (a class, an import path, or a registered short name).
 
     Raises
     ------
@@ -126,10 +106,10 @@ def resolve_kind(kind: Any, where: str = "") -> type:
     kind = kind.strip()
     if "." in kind:
         return resolve_class(kind, f"{where}.kind" if where else "kind")
-    path = _short_names().get(_norm(kind))
-    if path is None:
-        raise ConfigError(f"{at}unknown callback kind {kind!r}; {closest(kind, _display_names())}")
-    return resolve_class(path, where)
+    found = registry.find("callback", kind)
+    if found is None:
+        raise ConfigError(f"{at}unknown callback kind {kind!r}; {closest(kind, registry.names('callback', True))}")
+    return found
 
 
 def _accepted(cls: type) -> tuple[list[str], bool]:

@@ -8,10 +8,12 @@ from torch import nn
 from matsciml.models.tasks.base import BaseTaskModule
 from matsciml.models.tasks.metrics import BINARY
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.registry import register_task
 
 __all__ = ["BinaryClassificationTask"]
 
 
+@register_task(aliases=["binary_classification"])
 class BinaryClassificationTask(BaseTaskModule):
     """Classify structures into two classes per task key.
 

@@ -27,6 +27,7 @@ from matsciml.models.heads import OutputHead
 from matsciml.models.tasks.base import BaseTaskModule
 from matsciml.models.tasks.metrics import REGRESSION
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.registry import register_task
 
 __all__ = ["ForceRegressionTask", "energy_and_derivatives"]
 
@@ -120,6 +121,7 @@ def energy_and_derivatives(
     return out
 
 
+@register_task(aliases=["force_regression"])
 class ForceRegressionTask(BaseTaskModule):
     """Train an encoder on energies and forces (and optionally stresses).
 

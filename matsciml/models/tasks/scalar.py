@@ -6,10 +6,12 @@ from torch import nn
 
 from matsciml.models.tasks.base import BaseTaskModule
 from matsciml.models.tasks.metrics import REGRESSION
+from matsciml.registry import register_task
 
 __all__ = ["ScalarRegressionTask"]
 
 
+@register_task(aliases=["scalar_regression"])
 class ScalarRegressionTask(BaseTaskModule):
     """Regress scalar targets from the encoder's system embedding.
 
