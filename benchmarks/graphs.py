@@ -10,7 +10,7 @@ Sets of structures (generated here, deterministic seeds):
     lattice constant, random supercell matrix, rattled), cutoff 5 Å;
 (b) 64-atom fcc cells (4x4x4 primitive supercells, rattled), cutoff 6 Å;
 (c) the real OQMD devset crystals (2-40 atoms) at 6 Å, when
-    ``<repo>/../shared/data/oqmd_devset.extxyz`` exists.
+    ``<repo>/tests/data/oqmd_devset.extxyz`` exists.
 
 Columns, structures per second (best of ``--repeats`` passes over the set, one
 process, one thread):
@@ -98,7 +98,7 @@ def large_cells(count: int, seed: int = 1) -> list[Atoms]:
 
 
 def oqmd_cells() -> list[Atoms] | None:
-    path = REPO / ".." / "shared" / "data" / "oqmd_devset.extxyz"
+    path = REPO / "tests" / "data" / "oqmd_devset.extxyz"
     if not path.exists():
         return None
     from ase.io import read
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     results["b"] = run_set("b", large_cells(args.large), 6.0, args.repeats, clock)
     oqmd = oqmd_cells()
     if oqmd is None:
-        print("\n(c) skipped: ../shared/data/oqmd_devset.extxyz not found")
+        print("\n(c) skipped: tests/data/oqmd_devset.extxyz not found")
     else:
         results["c"] = run_set("c: OQMD devset", oqmd, 6.0, args.repeats, clock)
     print(f"\ntotal {time.perf_counter() - start:.1f} s (wall)")

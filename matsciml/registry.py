@@ -241,7 +241,9 @@ class Registry:
         if "." in name:
             return import_path(name, where)
         at = f" ({where})" if where else ""
-        raise ConfigError(f"unknown {kind} {name!r}{at}; {closest(name, self.names(kind, aliases=True))}")
+        raise ConfigError(
+            f"{kind} {name!r}{at} is not a known {kind} class; {closest(name, self.names(kind, aliases=True))}"
+        )
 
     def find_any(self, name: str) -> Any | None:
         """The object registered as ``name`` under any kind (first kind in :data:`KINDS` order)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+REAL_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def _labelled(atoms, rng, **info):
@@ -40,7 +40,5 @@ def labelled_atoms():
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The real reference data folder beside the repository; skips when absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real reference data not found at {SHARED_DATA.resolve()} (it lives beside the repository)")
-    return SHARED_DATA
+    """The real reference data copied into ``tests/data`` (OQMD, LiPS, Alexandria devsets)."""
+    return REAL_DATA

@@ -273,7 +273,7 @@ def test_cli_bad_override_and_options(configs, capsys, tmp_path):
 # ----------------------------------------------------------------------------- shipped experiments
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO / ".." / "shared" / "data"
+SHARED_DATA = REPO / "tests" / "data"
 
 
 @pytest.mark.parametrize(
@@ -288,8 +288,8 @@ SHARED_DATA = REPO / ".." / "shared" / "data"
 def test_shipped_experiments_prepare(name, trainer, data_file, monkeypatch, tmp_path):
     """Every bundled experiment builds (configs, data read and validated, task, trainer) without training."""
     if data_file is not None and not (SHARED_DATA / data_file).is_file():
-        pytest.skip(f"{SHARED_DATA / data_file} is absent (the shared reference data live beside the repository)")
-    monkeypatch.chdir(REPO)  # dataset configs give ../shared/data relative to the repository root
+        pytest.skip(f"{SHARED_DATA / data_file} is absent (tests/data)")
+    monkeypatch.chdir(REPO)  # dataset configs give tests/data relative to the repository root
     configs = REPO / "experiments" / "configs"
     prepared = prepare_experiment(
         configs / "experiments" / f"{name}.yaml", configs / "trainer" / f"{trainer}.yaml", run_dir=tmp_path / "run"

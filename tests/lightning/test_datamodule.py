@@ -24,7 +24,7 @@ from matsciml.lightning import MatSciMLDataModule
 from matsciml.lightning.datamodule import fractional_split
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / ".." / "shared" / "data"
+DATA = REPO / "tests" / "data"
 
 
 class ListDataset(Dataset):
@@ -303,7 +303,7 @@ def test_bad_record_fails_at_setup(tmp_path):
 def test_lips_devset_batches():
     path = DATA / "lips_devset.extxyz"
     if not path.is_file():
-        pytest.skip(f"reference data not found at {path} (../shared/data beside the repository)")
+        pytest.skip(f"reference data not found at {path} (tests/data)")
     pytest.importorskip("matsciml.datasets.structure_dataset")
     transforms = pytest.importorskip("matsciml.datasets.transforms")
     dm = MatSciMLDataModule(

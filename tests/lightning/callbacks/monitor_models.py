@@ -34,7 +34,7 @@ from matsciml.common.graph import get_graph
 from matsciml.lightning.callbacks.reporting import TrainingDynamicsWarning
 from matsciml.models.embeddings import Embeddings
 
-DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 SPECIES = torch.tensor([0.0, -0.5, 0.3, 0.8, -0.2, 0.6, -0.9, 0.1, 0.4, -0.3])
 
 

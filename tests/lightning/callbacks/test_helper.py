@@ -1,7 +1,7 @@
 """Tests of TrainingHelperCallback.
 
 Oracles: weight norms recomputed in float64 from the module's parameters; real OQMD
-crystals (``../shared/data/oqmd_devset.extxyz``) written once with Cartesian positions
+crystals (``tests/data/oqmd_devset.extxyz``) written once with Cartesian positions
 (must pass) and once with their fractional coordinates in place of Cartesian ones (the
 upstream loader's mistake: must be flagged); synthetic crystals when the data folder is
 absent; an encoder that returns one constant vector (collapse by construction).
@@ -149,7 +149,7 @@ def test_missing_gradients_on_a_plain_module(tmp_path):
 
 @pytest.fixture(scope="module")
 def crystals():
-    """``(Cartesian batches, fractional batches)``: OQMD when the shared data exist, else synthetic."""
+    """``(Cartesian batches, fractional batches)``: OQMD from tests/data, else synthetic."""
     if (DATA / "oqmd_devset.extxyz").exists():
         return oqmd_batches(fractional=False), oqmd_batches(fractional=True)
     gen = torch.Generator().manual_seed(3)
