@@ -53,7 +53,10 @@ class StructureDataset(Dataset):
 
     Each item is a sample as laid out in :mod:`matsciml.datasets.schema` (float32 ``pos``
     and ``cell``, int64 ``atomic_numbers``, bool ``pbc``, ``natoms``, ``id``, ``source``,
-    ``targets``), passed through ``transforms`` in order.
+    ``targets``), passed through ``transforms`` in order. With a graph cache attached
+    (:func:`~matsciml.datasets.cache.attach_graph_cache`; the data module does it by
+    default), the output of the leading deterministic transforms is computed once per
+    structure and reused; the transforms after them run on every access.
 
     Example YAML (dataset config)::
 
@@ -128,6 +131,8 @@ class StructureDataset(Dataset):
         self._cached: dict[int, dict[str, Any]] = {}
         self._indices: list[int] | None = None
         self.dropped: dict[int, str] = {}
+        #: A :class:`~matsciml.datasets.cache.GraphCache` of the deterministic transforms' output, or ``None``.
+        self.graph_cache: Any = None
         if self._lazy:
             self._available = sorted(self._records.target_keys)
         else:
@@ -189,14 +194,20 @@ class StructureDataset(Dataset):
             return copy_sample(sample)
         return sample
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.raw(index)
-        for transform in self.transforms:
+    @staticmethod
+    def apply_transforms(sample: dict[str, Any], transforms: Sequence[Transform]) -> dict[str, Any]:
+        """Pass ``sample`` through ``transforms`` in order and return the result."""
+        for transform in transforms:
             out = transform(sample)
             if out is None:
                 raise TypeError(f"transform {transform!r} returned None; a transform must return the sample")
             sample = out
         return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.graph_cache is not None:
+            return self.graph_cache.item(self, index)
+        return self.apply_transforms(self.raw(index), self.transforms)
 
     @classmethod
     def from_devset(cls, transforms: Sequence[Transform] | None = None, **kwargs: Any) -> StructureDataset:

@@ -263,6 +263,11 @@ class MatSciMLDataModule(LightningDataModule):
         Drop the last incomplete training batch (default ``False``).
     pin_memory
         Passed to the loaders (default ``False``).
+    graph_cache
+        The processed-graph cache of the datasets (:mod:`matsciml.datasets.cache`):
+        ``"memory"`` (default: neighbour lists and graphs computed once per structure and
+        kept in memory, up to 2048 MiB), ``"disk"`` (an LMDB file reused by later runs),
+        ``"off"``, or a mapping of options (``{mode: disk, cache_dir: ..., workers: 8}``).
 
     Raises
     ------
@@ -302,8 +307,12 @@ class MatSciMLDataModule(LightningDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
         pin_memory: bool = False,
+        graph_cache: str | Mapping[str, Any] | bool | None = "memory",
     ) -> None:
         super().__init__()
+        from matsciml.datasets.cache import GraphCacheConfig
+
+        self.graph_cache = GraphCacheConfig.parse(graph_cache)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -357,6 +366,7 @@ class MatSciMLDataModule(LightningDataModule):
                     "shuffle": shuffle,
                     "drop_last": drop_last,
                     "pin_memory": pin_memory,
+                    "graph_cache": self.graph_cache.as_dict(),
                 }
             )
         )
@@ -488,6 +498,10 @@ class MatSciMLDataModule(LightningDataModule):
             built["predict"] = built[self.predict_split]
         self._datasets = built
         self._validate()
+        from matsciml.datasets.cache import attach_graph_cache
+
+        for base in {id(_base(d)): _base(d) for d in built.values()}.values():
+            attach_graph_cache(base, self.graph_cache, self.num_workers)
 
     def _validate(self) -> None:
         keys = self.target_keys

@@ -402,8 +402,13 @@ def build_datamodule(
     run_type: str,
     targets: list[str],
     seed: int | None = None,
+    trainer_args: dict[str, Any] | None = None,
 ):
     """Build the :class:`~matsciml.lightning.MatSciMLDataModule` of a dataset and a model config.
+
+    Loader settings the section leaves out (``num_workers``, also when ``"auto"``;
+    ``persistent_workers``; ``pin_memory``) are chosen from the machine and the trainer
+    arguments ``trainer_args`` (:mod:`matsciml.runner.loader_defaults`).
 
     The run-type section (``debug``/``experiment``) gives the data module's arguments;
     the model config's ``transforms`` become ``dset_kwargs['transforms']``. In debug mode
@@ -437,6 +442,9 @@ def build_datamodule(
         dset_kwargs["transforms"] = transforms
     if seed is not None:
         kwargs.setdefault("seed", seed)
+    from matsciml.runner.loader_defaults import apply_loader_defaults
+
+    apply_loader_defaults(kwargs, trainer_args or {})
     kwargs["target_keys"] = list(targets)
     try:
         if use_devset:

@@ -44,6 +44,7 @@ from matsciml.runner.configs import (
     load_registry,
     load_trainer_config,
     load_yaml,
+    merge_sections,
     parse_experiment,
 )
 from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
@@ -315,7 +316,8 @@ def prepare_experiment(
     task_kwargs = build.task_arguments(task_cls, model, dataset, run_type, spec.task.targets)
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
-    datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed)
+    trainer_args = merge_sections(trainer_file, run_type)
+    datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed, trainer_args)
     _setup_data(datamodule, dataset, run_type, spec.task.targets)
     task = build.build_task(task_cls, task_kwargs, model)
     loaded = None

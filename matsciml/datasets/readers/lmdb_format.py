@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -50,8 +51,12 @@ __all__ = [
     "write_lmdb",
     "encode_record",
     "decode_record",
+    "encode_arrays",
+    "decode_arrays",
+    "write_lmdb_entries",
     "lmdb_files",
     "shared_env",
+    "close_env",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "METADATA_KEY",
@@ -64,6 +69,7 @@ _MAGIC = b"MSML"
 _ALIGN = 8
 _TARGET_PREFIX = "targets/"
 _ALLOWED_DTYPES = {"<f4", "<f8", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1"}
+_ITEMSIZE = {dtype: np.dtype(dtype).itemsize for dtype in _ALLOWED_DTYPES}
 
 
 def _key(index: int) -> bytes:
@@ -100,14 +106,34 @@ def encode_record(sample: dict[str, Any]) -> bytes:
     }
     for key, value in (sample.get(schema.TARGETS) or {}).items():
         arrays[_TARGET_PREFIX + key] = _as_array(value)
-    header: dict[str, Any] = {"id": str(sample.get(schema.ID, "")), "arrays": {}}
+    return encode_arrays(arrays, {"id": str(sample.get(schema.ID, ""))})
+
+
+def encode_arrays(arrays: dict[str, Any], header: dict[str, Any]) -> bytes:
+    """Serialise named numeric arrays and a JSON ``header`` into one record (the layout above).
+
+    Parameters
+    ----------
+    arrays
+        ``{name: array or tensor}`` of float, integer or bool dtype.
+    header
+        Plain JSON data stored with the arrays (its ``"id"`` names the record in errors);
+        the key ``"arrays"`` is filled here.
+
+    Raises
+    ------
+    DataError
+        An array has a dtype the format does not hold.
+    """
+    header = dict(header, arrays={})
     chunks = []
     offset = 0
-    for name, arr in arrays.items():
+    for name, value in arrays.items():
+        arr = _as_array(value)
         dtype = arr.dtype.str
         if dtype not in _ALLOWED_DTYPES:
             raise DataError(
-                f"sample {header['id']!r}: key {name!r}: dtype {arr.dtype} cannot be stored; "
+                f"sample {header.get('id', '')!r}: key {name!r}: dtype {arr.dtype} cannot be stored; "
                 "use float, integer or bool arrays"
             )
         data = arr.tobytes()
@@ -128,25 +154,7 @@ def decode_record(value: bytes, file: str | Path = "", index: int = 0) -> dict[s
     DataError
         The bytes are not a record of this format, or are cut short.
     """
-    where = f"{file}: record {index}"
-    if value[:4] != _MAGIC or len(value) < 8:
-        raise DataError(f"{where}: not a matsciml LMDB record; rewrite the file with write_lmdb")
-    (head_len,) = struct.unpack("<I", value[4:8])
-    try:
-        header = json.loads(bytes(value[8 : 8 + head_len]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DataError(f"{where}: corrupt record header; rewrite the file with write_lmdb") from None
-    body = bytearray(value[8 + head_len :])
-    out: dict[str, torch.Tensor] = {}
-    for name, (dtype, shape, offset) in header["arrays"].items():
-        if dtype not in _ALLOWED_DTYPES:
-            raise DataError(f"{where}: key {name!r}: unsupported dtype {dtype!r}; rewrite the file with write_lmdb")
-        count = int(np.prod(shape)) if shape else 1
-        nbytes = count * np.dtype(dtype).itemsize
-        if offset + nbytes > len(body):
-            raise DataError(f"{where}: key {name!r}: record cut short; the file is corrupt: rewrite it")
-        arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
-        out[name] = torch.from_numpy(arr)
+    header, out = decode_arrays(value, f"{file}: record {index}")
     targets = {k[len(_TARGET_PREFIX) :]: v for k, v in out.items() if k.startswith(_TARGET_PREFIX)}
     z = out[schema.ATOMIC_NUMBERS]
     return {
@@ -159,6 +167,42 @@ def decode_record(value: bytes, file: str | Path = "", index: int = 0) -> dict[s
         schema.SOURCE: {"file": str(file), "index": int(index)},
         schema.TARGETS: targets,
     }
+
+
+def decode_arrays(value: bytes, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Inverse of :func:`encode_arrays`: ``(header, {name: tensor})``, tensors bit-for-bit as written.
+
+    Parameters
+    ----------
+    value
+        The record's bytes.
+    where
+        Names the record in errors (``"<file>: record 3"``).
+
+    Raises
+    ------
+    DataError
+        The bytes are not a record of this format, or are cut short.
+    """
+    if value[:4] != _MAGIC or len(value) < 8:
+        raise DataError(f"{where}: not a matsciml LMDB record; rewrite the file with write_lmdb")
+    (head_len,) = struct.unpack("<I", value[4:8])
+    try:
+        header = json.loads(bytes(value[8 : 8 + head_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{where}: corrupt record header; rewrite the file with write_lmdb") from None
+    body = bytearray(value[8 + head_len :])
+    out: dict[str, torch.Tensor] = {}
+    for name, (dtype, shape, offset) in header["arrays"].items():
+        if dtype not in _ALLOWED_DTYPES:
+            raise DataError(f"{where}: key {name!r}: unsupported dtype {dtype!r}; rewrite the file with write_lmdb")
+        count = math.prod(shape)
+        nbytes = count * _ITEMSIZE[dtype]
+        if offset + nbytes > len(body):
+            raise DataError(f"{where}: key {name!r}: record cut short; the file is corrupt: rewrite it")
+        arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
+        out[name] = torch.from_numpy(arr)
+    return header, out
 
 
 def lmdb_files(path: str | Path) -> list[tuple[Path, bool]]:
@@ -250,6 +294,17 @@ def shared_env(path: str | Path, subdir: bool, expected: tuple | None = None) ->
     if env is None:
         env = _ENVS[key] = _open_env(path, subdir)
     return env
+
+
+def close_env(path: str | Path, subdir: bool = False) -> None:
+    """Close and forget this process's environment of ``path`` (before the file is deleted or replaced)."""
+    try:
+        key = _file_key(Path(path), subdir)
+    except OSError:
+        return
+    env = _ENVS.pop(key, None)
+    if env is not None:
+        env.close()
 
 
 def _read_metadata(env: Any, path: Path) -> dict[str, Any]:
@@ -395,8 +450,6 @@ def write_lmdb(
     DataError
         A record cannot be stored (see :func:`encode_record`).
     """
-    import lmdb
-
     path = Path(path)
     if path.suffix != ".lmdb":
         raise ConfigError(f"write_lmdb: path {str(path)!r} must end in '.lmdb' so that readers recognise it")
@@ -404,10 +457,57 @@ def write_lmdb(
         raise ConfigError(f"write_lmdb: path {str(path)!r} is a directory; give a file name ending in '.lmdb'")
     if path.exists() and not overwrite:
         raise FileExistsError(f"write_lmdb: {path} exists; pass overwrite=True to replace it")
+    target_keys: set[str] = set()
+
+    def entries() -> Iterable[tuple[bytes, bytes]]:
+        for count, sample in enumerate(_iter_samples(records, path)):
+            target_keys.update((sample.get(schema.TARGETS) or {}).keys())
+            yield _key(count), encode_record(sample)
+
+    def metadata(count: int) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "length": count, "target_keys": sorted(target_keys)}
+
+    return write_lmdb_entries(entries(), path, metadata, commit_every=commit_every, map_size=map_size)
+
+
+def write_lmdb_entries(
+    entries: Iterable[tuple[bytes, bytes]],
+    path: str | Path,
+    metadata: Any,
+    *,
+    commit_every: int = 1000,
+    map_size: int = 1 << 28,
+) -> Path:
+    """Write ``(key, value)`` entries and a JSON metadata record to an LMDB file, atomically.
+
+    The entries go to ``NAME.lmdb.tmp-<pid>``, which is synced and moved onto ``path`` with
+    :func:`os.replace` once complete: a reader finds the whole file or none (an existing
+    file at ``path`` is replaced). After an exception the temporary file is removed; after
+    a kill it is left behind under its temporary name, never under ``path``.
+
+    Parameters
+    ----------
+    entries
+        ``(key, value)`` byte pairs.
+    path
+        Output file.
+    metadata
+        ``metadata(count) -> dict``: called after the last entry with the number of
+        entries; stored as UTF-8 JSON under :data:`METADATA_KEY`.
+    commit_every, map_size
+        As for :func:`write_lmdb`.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import lmdb
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False, sync=False)
-    target_keys: set[str] = set()
     count = 0
 
     def flush(batch: list[tuple[bytes, bytes]]) -> None:
@@ -422,15 +522,13 @@ def write_lmdb(
 
     try:
         batch: list[tuple[bytes, bytes]] = []
-        for sample in _iter_samples(records, path):
-            target_keys.update((sample.get(schema.TARGETS) or {}).keys())
-            batch.append((_key(count), encode_record(sample)))
+        for key, value in entries:
+            batch.append((key, value))
             count += 1
             if len(batch) >= commit_every:
                 flush(batch)
                 batch = []
-        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "length": count, "target_keys": sorted(target_keys)}
-        batch.append((METADATA_KEY, json.dumps(meta, sort_keys=True).encode("utf-8")))
+        batch.append((METADATA_KEY, json.dumps(metadata(count), sort_keys=True).encode("utf-8")))
         flush(batch)
         env.sync(True)
         env.close()

@@ -123,6 +123,9 @@ class PointCloudToGraphTransform:
             init_args: {backend: pyg, cutoff_dist: 20.0, node_keys: [pos, atomic_numbers]}
     """
 
+    #: Same sample in, same output out: the graph cache may store the result (see :mod:`matsciml.datasets.cache`).
+    deterministic = True
+
     def __init__(
         self,
         backend: str = "pyg",

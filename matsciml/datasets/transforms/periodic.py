@@ -86,6 +86,9 @@ class PeriodicPropertiesTransform:
         >>> sample = transform(sample)  # adds sample["edge_index"], sample["cell_shifts"]
     """
 
+    #: Same sample in, same output out: the graph cache may store the result (see :mod:`matsciml.datasets.cache`).
+    deterministic = True
+
     #: Step (Å) and ceiling (Å) of the adaptive cutoff.
     ADAPTIVE_STEP = 0.5
     ADAPTIVE_MAX = 30.0
