@@ -1,0 +1,241 @@
+"""Training throughput of the default experiment and of the upstream ``egnn_dgl`` model, against a hand loop.
+
+Usage::
+
+    python benchmarks/throughput.py [--rounds 3] [--batches N] [--models egnn_small egnn_dgl] [--device cpu|cuda]
+
+For each model (``egnn_small``: the default experiment, ``make train``;
+``egnn_dgl``: the upstream EGNN settings with their 6.5 Å graphs), on the bundled
+devset (batch 16, 960 training structures), three measurements in structures per
+second of the training part of an epoch (validation excluded):
+
+(a) **end to end**: the runner (``prepare_experiment`` with
+    ``experiments/configs/experiments/devset_energy.yaml`` and
+    ``trainer/devset_cpu.yaml``: its callbacks, loggers and checkpointing, the data
+    module's defaults), first epoch of a fresh run: the graph cache is cold and filled
+    during this epoch;
+(b) **warm cache**: the second epoch of the same run;
+(c) **floor**: a hand-written PyTorch loop over the same batches already collated in
+    memory: the same task (``task.compute_losses``), the same AdamW optimizer, no
+    Lightning, no data pipeline.
+
+Also measured: one pass over the training loader of a fresh data module of the
+default experiment, twice (cold, then warm cache), and the **data share**: the warm
+loader's time per batch over the warm end-to-end time per batch.
+
+Rounds alternate the measurements (the machine may be shared) and the medians are
+printed, with the ratios ``(a)/(c)``, ``(b)/(c)`` (time ratios: 1.0 is the floor) and
+the data share. The last line is JSON for the default experiment:
+``{"end_to_end_ratio": ..., "warm_cache_ratio": ..., "data_share": ...,
+"loader_second_pass_ratio": ...}``. With ``--device cuda`` (and a GPU) the runs
+train on the GPU with 4 loader workers and pinned memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmark this checkout, installed or not
+
+import lightning.pytorch as pl  # noqa: E402
+
+from matsciml.runner.experiment import prepare_experiment  # noqa: E402
+
+CONFIGS = REPO / "experiments" / "configs"
+
+
+class EpochClock(pl.Callback):
+    """Seconds and structures of the training part of each epoch (epoch start to the last batch's end)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.last_end = 0.0
+        self.structures = 0
+        self.epochs: list[tuple[float, int, int]] = []  # (seconds, structures, batches)
+        self.batches = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.start = self.last_end = time.perf_counter()
+        self.structures = self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_end = time.perf_counter()
+        self.structures += int(batch["batch_size"])
+        self.batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append((self.last_end - self.start, self.structures, self.batches))
+
+
+def _experiment(model: str, folder: Path) -> Path:
+    path = folder / f"devset_{model}.yaml"
+    path.write_text(
+        f"model: {model}\ndataset:\n  devset:\n    - task: ScalarRegressionTask\n"
+        "      targets: [energy_per_atom]\nseed: 0\n"
+    )
+    return path
+
+
+def _prepare(model: str, folder: Path, batches: int, device: str, run: str):
+    overrides = ["trainer.experiment.max_epochs.2", "trainer.generic.max_epochs.2"]
+    if batches:
+        overrides.append(f"trainer.experiment.limit_train_batches.{batches}")
+    if device == "cuda":
+        overrides += [
+            "trainer.experiment.accelerator.gpu",
+            "dataset.experiment.num_workers.4",
+            "dataset.experiment.pin_memory.true",
+        ]
+    return prepare_experiment(
+        _experiment(model, folder),
+        CONFIGS / "trainer" / "devset_cpu.yaml",
+        overrides=overrides,
+        run_dir=folder / run,
+    )
+
+
+def end_to_end(model: str, folder: Path, batches: int, device: str, run: str) -> dict:
+    """(a) and (b): a fresh runner run of two epochs; seconds per structure of each epoch."""
+    prepared = _prepare(model, folder, batches, device, run)
+    clock = EpochClock()
+    prepared.trainer.callbacks.append(clock)
+    prepared.trainer.fit(prepared.task, datamodule=prepared.datamodule)
+    (cold_s, cold_n, cold_b), (warm_s, warm_n, warm_b) = clock.epochs[:2]
+    return {
+        "cold": cold_s / cold_n,
+        "warm": warm_s / warm_n,
+        "warm_per_batch": warm_s / warm_b,
+        "prepared": prepared,
+    }
+
+
+def hand_loop(prepared, batches: int, device: str) -> float:
+    """(c): seconds per structure of a plain loop over batches already in memory."""
+    task = prepared.task
+    loader = prepared.datamodule.train_dataloader()
+    loader.set_epoch(1)
+    data = []
+    for k, batch in enumerate(loader):
+        if batches and k >= batches:
+            break
+        data.append(batch)
+    target = torch.device("cuda" if device == "cuda" else "cpu")
+    if target.type == "cuda":
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        data = [move_data_to_device(b, target) for b in data]
+    task.to(target)
+    task.train()
+    config = task.configure_optimizers()
+    optimizer = (
+        config["optimizer"] if isinstance(config, dict) else config[0][0] if isinstance(config, tuple) else config
+    )
+    structures = sum(int(b["batch_size"]) for b in data)
+    start = time.perf_counter()
+    for batch in data:
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.compute_losses(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+    if target.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / structures
+
+
+def loader_passes(folder: Path, run: str) -> tuple[float, float, float]:
+    """Seconds per batch of two passes over the default experiment's training loader (fresh data module)."""
+    prepared = prepare_experiment(
+        CONFIGS / "experiments" / "devset_energy.yaml", CONFIGS / "trainer" / "devset_cpu.yaml", run_dir=folder / run
+    )
+    loader = prepared.datamodule.train_dataloader()
+    times = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        start = time.perf_counter()
+        count = sum(1 for _ in loader)
+        times.append((time.perf_counter() - start) / count)
+    return times[0], times[1], times[1] / times[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are reported)")
+    parser.add_argument("--batches", type=int, default=0, help="training batches per epoch (0: the whole epoch)")
+    parser.add_argument("--models", nargs="+", default=["egnn_small", "egnn_dgl"])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU available")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, {args.device}")
+    results: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": [], "c": [], "wb": []} for m in args.models}
+    loader: dict[str, list[float]] = {"first": [], "second": [], "ratio": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.environ.setdefault("MATSCIML_CACHE", str(Path.home() / ".cache" / "matsciml"))
+        for r in range(args.rounds):
+            first, second, ratio = loader_passes(folder, f"loader{r}")
+            for key, value in zip(("first", "second", "ratio"), (first, second, ratio)):
+                loader[key].append(value)
+            for model in args.models:
+                run = end_to_end(model, folder, args.batches, args.device, f"{model}{r}")
+                results[model]["a"].append(run["cold"])
+                results[model]["b"].append(run["warm"])
+                results[model]["wb"].append(run["warm_per_batch"])
+                results[model]["c"].append(hand_loop(run["prepared"], args.batches, args.device))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        data_per_batch = statistics.median(loader["second"])
+
+    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in results.items()}
+    print(f"\nmedians of {args.rounds} alternating rounds, structures per second (batch 16, devset)")
+    print(
+        f"{'model':12s} {'(a) end to end':>15s} {'(b) warm cache':>15s} {'(c) hand loop':>14s} {'a/c':>6s} {'b/c':>6s}"
+    )
+    for model, m in med.items():
+        print(
+            f"{model:12s} {1 / m['a']:15.1f} {1 / m['b']:15.1f} {1 / m['c']:14.1f} "
+            f"{m['a'] / m['c']:6.3f} {m['b'] / m['c']:6.3f}"
+        )
+    first, second = statistics.median(loader["first"]), statistics.median(loader["second"])
+    print(
+        f"\ndefault experiment's training loader: first pass {1e3 * first:.2f} ms/batch, second pass "
+        f"{1e3 * second:.2f} ms/batch, ratio {statistics.median(loader['ratio']):.3f}"
+    )
+    default = med[args.models[0]]
+    share = data_per_batch / default["wb"]
+    print(f"data pipeline share of a warm step ({args.models[0]}): {100 * share:.1f} %")
+    print(
+        json.dumps(
+            {
+                "end_to_end_ratio": round(default["a"] / default["c"], 4),
+                "warm_cache_ratio": round(default["b"] / default["c"], 4),
+                "data_share": round(share, 4),
+                "loader_second_pass_ratio": round(statistics.median(loader["ratio"]), 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
