@@ -14,7 +14,7 @@ from matsciml.common.errors import DataError
 from matsciml.datasets import schema
 from matsciml.datasets.neighbors import describe_structure
 
-__all__ = ["collate_samples", "collate_graphs", "STACKED_TARGETS"]
+__all__ = ["collate_samples", "collate_graphs", "batch_to_device", "STACKED_TARGETS"]
 
 #: Targets that are one array per structure whatever their shape: always stacked to ``[B, ...]``.
 STACKED_TARGETS = ("stress", "virial", "dipole", "dipole_moment")
@@ -244,3 +244,37 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ids": [str(sample.get(schema.ID, k)) for k, sample in enumerate(samples)],
         "batch_size": len(samples),
     }
+
+
+def batch_to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move a batch (dicts, lists, tensors, PyG graphs) to ``device``, without blocking on a GPU.
+
+    Tensors and PyG ``Data``/``Batch`` graphs are copied with ``non_blocking=True`` when
+    ``device`` is an accelerator (from pinned memory the copy then overlaps the
+    computation); on the CPU and MPS copies block, as Lightning's own transfer does. Lightning
+    moves PyG graphs (which are not tensors) with blocking copies, hence this function.
+
+    Parameters
+    ----------
+    batch
+        A batch as returned by :func:`collate_samples`, or any nesting of dicts, lists
+        and tuples of tensors and graphs; other values are returned as they are.
+    device
+        Target device.
+    """
+    device = torch.device(device)
+    non_blocking = device.type not in ("cpu", "mps")
+
+    def move(value: Any) -> Any:
+        if isinstance(value, (torch.Tensor, Data)):
+            return value.to(device, non_blocking=non_blocking)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and not isinstance(value, str):
+            moved = [move(v) for v in value]
+            return type(value)(moved) if not hasattr(value, "_fields") else type(value)(*moved)
+        if hasattr(value, "to") and hasattr(value, "num_nodes"):  # a DGL graph
+            return value.to(device)
+        return value
+
+    return move(batch)

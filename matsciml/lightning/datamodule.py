@@ -548,6 +548,12 @@ class MatSciMLDataModule(LightningDataModule):
             "pin_memory": self.pin_memory,
         }
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning hook: :func:`~matsciml.datasets.collate.batch_to_device` (graphs copied without blocking)."""
+        from matsciml.datasets.collate import batch_to_device
+
+        return batch_to_device(batch, device)
+
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled, sharded, resumable loader over the training set (see the class docs)."""
         if self._datasets is None:

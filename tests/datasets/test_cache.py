@@ -18,7 +18,7 @@ from torch_geometric.data import Batch
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.datasets import StructureDataset
 from matsciml.datasets.cache import GraphCacheConfig, attach_graph_cache, cache_boundary, cache_key
-from matsciml.datasets.collate import collate_graphs, collate_samples
+from matsciml.datasets.collate import batch_to_device, collate_graphs, collate_samples
 from matsciml.datasets.disk_cache import DiskGraphStore
 from matsciml.datasets.readers.lmdb_format import close_env
 from matsciml.datasets.transforms import PeriodicPropertiesTransform, PointCloudToGraphTransform
@@ -292,3 +292,11 @@ def test_config_errors_name_the_option():
     with pytest.raises(ConfigError, match="workers"):
         GraphCacheConfig.parse({"workers": -1})
     assert GraphCacheConfig.parse(None).mode == "off" and GraphCacheConfig.parse(True).mode == "memory"
+
+
+def test_batch_to_device_keeps_values_and_types():
+    dataset = StructureDataset(DATA / "alexandria_devset.extxyz", transforms=_transforms(5.0))
+    batch = collate_samples([dataset[0], dataset[1]])
+    moved = batch_to_device(batch, "cpu")
+    _assert_same_batch(moved, batch)
+    assert moved["batch_size"] == 2 and isinstance(moved["graph"], Batch)
