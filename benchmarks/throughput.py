@@ -15,6 +15,8 @@ second of the training part of an epoch (validation excluded):
     module's defaults), first epoch of a fresh run: the graph cache is cold and filled
     during this epoch;
 (b) **warm cache**: the second epoch of the same run;
+    (``--trainer`` takes another trainer config, e.g. one without the monitoring
+    callbacks, to see what they cost);
 (c) **floor**: a hand-written PyTorch loop over the same batches already collated in
     memory: the same task (``task.compute_losses``), the same AdamW optimizer, no
     Lightning, no data pipeline.
@@ -94,6 +96,9 @@ def _experiment(model: str, folder: Path) -> Path:
     return path
 
 
+TRAINER = CONFIGS / "trainer" / "devset_cpu.yaml"
+
+
 def _prepare(model: str, folder: Path, batches: int, device: str, run: str):
     overrides = ["trainer.experiment.max_epochs.2", "trainer.generic.max_epochs.2"]
     if batches:
@@ -106,7 +111,7 @@ def _prepare(model: str, folder: Path, batches: int, device: str, run: str):
         ]
     return prepare_experiment(
         _experiment(model, folder),
-        CONFIGS / "trainer" / "devset_cpu.yaml",
+        TRAINER,
         overrides=overrides,
         run_dir=folder / run,
     )
@@ -162,9 +167,7 @@ def hand_loop(prepared, batches: int, device: str) -> float:
 
 def loader_passes(folder: Path, run: str) -> tuple[float, float, float]:
     """Seconds per batch of two passes over the default experiment's training loader (fresh data module)."""
-    prepared = prepare_experiment(
-        CONFIGS / "experiments" / "devset_energy.yaml", CONFIGS / "trainer" / "devset_cpu.yaml", run_dir=folder / run
-    )
+    prepared = prepare_experiment(CONFIGS / "experiments" / "devset_energy.yaml", TRAINER, run_dir=folder / run)
     loader = prepared.datamodule.train_dataloader()
     times = []
     for epoch in range(2):
@@ -181,7 +184,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=0, help="training batches per epoch (0: the whole epoch)")
     parser.add_argument("--models", nargs="+", default=["egnn_small", "egnn_dgl"])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--trainer", type=Path, default=None, help="trainer config (default: trainer/devset_cpu.yaml)")
     args = parser.parse_args()
+    global TRAINER
+    if args.trainer is not None:
+        TRAINER = args.trainer
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU available")
     warnings.filterwarnings("ignore")

@@ -82,7 +82,10 @@ def test_collate_graphs_equals_pyg_batch():
     for k, graph in enumerate(graphs):  # get_example undoes the offsets
         example = got.get_example(k)
         assert torch.equal(example.edge_index, graph.edge_index) and torch.equal(example.pos, graph.pos)
-    assert int(got.edge_index.max()) == int(got.num_nodes) - 1 or int(got.edge_index.max()) < int(got.num_nodes)
+    edges = got._slice_dict["edge_index"]
+    for k in range(5):  # every graph's edges point into its own block of nodes
+        block = got.edge_index[:, int(edges[k]) : int(edges[k + 1])]
+        assert int(block.min()) >= int(got.ptr[k]) and int(block.max()) < int(got.ptr[k + 1])
 
 
 # ------------------------------------------------------------------ bitwise equality
@@ -300,3 +303,32 @@ def test_batch_to_device_keeps_values_and_types():
     moved = batch_to_device(batch, "cpu")
     _assert_same_batch(moved, batch)
     assert moved["batch_size"] == 2 and isinstance(moved["graph"], Batch)
+
+
+def _build_in_child(cache_dir: str, start, queue) -> None:
+    dataset = StructureDataset(DATA / "alexandria_devset.extxyz", transforms=_transforms(4.0))
+    start.wait()
+    cache = attach_graph_cache(dataset, {"mode": "disk", "cache_dir": cache_dir, "progress": False})
+    batch = collate_samples([dataset[i] for i in range(len(dataset))])
+    queue.put((str(cache.disk.path), batch["graph"].edge_index.sum().item(), batch["graph"].num_edges))
+
+
+def test_concurrent_builders_share_one_file(tmp_path):
+    """Two processes (as two DDP ranks) start building the same cache at once: one builds, the other waits."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    start, queue = context.Barrier(2), context.Queue()
+    procs = [context.Process(target=_build_in_child, args=(str(tmp_path), start, queue)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert results[0] == results[1]
+    assert [p.name for p in tmp_path.glob("*.lmdb")] == [Path(results[0][0]).name]
+    assert not list(tmp_path.glob("*.tmp-*"))
+    plain = StructureDataset(DATA / "alexandria_devset.extxyz", transforms=_transforms(4.0))
+    want = collate_samples([plain[i] for i in range(len(plain))])["graph"]
+    assert results[0][1:] == (want.edge_index.sum().item(), want.num_edges)
