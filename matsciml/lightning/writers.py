@@ -49,7 +49,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from matsciml.datasets.collate import is_per_atom
+from matsciml.datasets.collate import STACKED_TARGETS, is_per_atom
+from matsciml.datasets.schema import PER_ATOM_TARGETS
 from matsciml.lightning.checkpointing import atomic_path, atomic_torch_save
 from matsciml.registry import register_callback
 
@@ -69,12 +70,16 @@ def _natoms(batch: Any, prediction: Mapping[str, Any], size: int) -> list[int]:
 def _split(key: str, value: Any, natoms: list[int]) -> list[torch.Tensor] | None:
     """One tensor per structure from a batched value: per atom (sliced by ``natoms``) or per structure."""
     tensor = torch.as_tensor(value).detach().cpu()
-    size = len(natoms)
-    total = sum(natoms)
-    per_atom = tensor.dim() >= 1 and tensor.shape[0] == total and (key == "forces" or tensor.shape[0] != size)
-    if per_atom and key not in ("stress",):
+    size, total = len(natoms), sum(natoms)
+    if key in PER_ATOM_TARGETS:
+        per_atom = True
+    elif key in STACKED_TARGETS:
+        per_atom = False
+    else:
+        per_atom = tensor.dim() >= 1 and tensor.shape[0] == total and total != size
+    if per_atom and tensor.dim() >= 1 and tensor.shape[0] == total:
         return list(torch.split(tensor, natoms, dim=0))
-    if tensor.dim() >= 1 and tensor.shape[0] == size:
+    if not per_atom and tensor.dim() >= 1 and tensor.shape[0] == size:
         return list(tensor.unbind(0))
     return None
 
