@@ -126,8 +126,10 @@ def split_batch(
                 continue
             pieces = _split(key, value, natoms)
             if pieces is None:
-                rank_zero_warn(f"prediction writer: {part} {key!r} of shape {tuple(np.shape(value))} is not per "
-                               f"structure or per atom of a batch of {size}; left out")
+                rank_zero_warn(
+                    f"prediction writer: {part} {key!r} of shape {tuple(np.shape(value))} is not per "
+                    f"structure or per atom of a batch of {size}; left out"
+                )
                 continue
             for record, piece in zip(records, pieces):
                 record[part][key] = piece.clone()

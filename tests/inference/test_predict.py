@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -11,8 +12,6 @@ import pytest
 import torch
 
 from matsciml.inference.cli import main
-
-from pathlib import Path
 
 OQMD = Path(__file__).resolve().parents[1] / "data" / "oqmd_devset.extxyz"
 

@@ -102,7 +102,9 @@ class MatSciMLCalculator(Calculator):
         super().__init__(**kwargs)
         keys = list(getattr(task_module, "task_keys", []) or [])
         if not keys:
-            raise ConfigError(f"MatSciMLCalculator: {type(task_module).__name__} has no task_keys; give a matsciml task")
+            raise ConfigError(
+                f"MatSciMLCalculator: {type(task_module).__name__} has no task_keys; give a matsciml task"
+            )
         if transforms is None:
             transforms = getattr(task_module, "data_transforms", None)
         if not transforms:
