@@ -87,3 +87,16 @@ def test_missing_and_corrupt_checkpoint_give_one_line(tmp_path, capsys, band_gap
     assert "corrupt.ckpt" in err and "cannot read" in err
     err = _error(capsys, [band_gap_run.last_checkpoint, str(tmp_path / "none.extxyz"), "-o", str(tmp_path / "o")])
     assert "none.extxyz" in err
+
+
+def test_calculator_gives_the_scalar_property(band_gap_run, predicted):
+    from matsciml.interfaces.ase import MatSciMLCalculator
+
+    calc = MatSciMLCalculator.from_checkpoint(band_gap_run.last_checkpoint)
+    assert "band_gap" in calc.implemented_properties and "forces" not in calc.implemented_properties
+    with open(predicted.csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for index in (0, 172):  # 172: the record whose band gap is NaN in the file
+        atoms = ase.io.read(OQMD, index)
+        atoms.calc = calc
+        assert calc.get_property("band_gap", atoms) == pytest.approx(float(rows[index]["band_gap_pred"]), abs=1e-5)
