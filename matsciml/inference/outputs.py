@@ -27,6 +27,7 @@ __all__ = [
     "write_csv",
     "write_extxyz",
     "write_metrics",
+    "write_inference_data",
     "plot_parity",
     "plot_all",
 ]
@@ -178,6 +179,32 @@ def write_metrics(metrics: dict[str, Any], path: str | Path, extra: dict[str, An
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(clean({"metrics": metrics, **(extra or {})}), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_inference_data(result: dict[str, Any], path: str | Path) -> Path:
+    """Targets and predictions per key in the layout of the Open MatSciML Toolkit's ``inference_data.json``.
+
+    ``{key: {"name": key, "predictions": [...], "targets": [...]}}`` for each key with
+    targets, in dataset order (per-atom keys: one ``[x, y, z]`` per atom); a missing or
+    non-finite target is ``null``.
+    """
+
+    def plain(values: torch.Tensor) -> list:
+        return [
+            [None if not math.isfinite(x) else x for x in row] if isinstance(row, list) else
+            (None if not math.isfinite(row) else row)
+            for row in values.double().tolist()
+        ]  # fmt: skip
+
+    data = {
+        key: {"name": key, "predictions": plain(result["predictions"][key]), "targets": plain(result["targets"][key])}
+        for key in result["predictions"]
+        if key in result["targets"]
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
     return path
 
 

@@ -18,6 +18,9 @@ bar), and writes to the output folder:
     per target key: count, MAE, RMSE, R², the mean predictor's MAE and their ratio.
 ``parity_<key>.png``
     prediction against target for each key with targets.
+``inference_data.json``
+    targets and predictions per key, in the layout of the Open MatSciML Toolkit's
+    ``ParityInferenceTask`` (``null`` for a missing target).
 ``predictions.pt``, ``results_rank0.pt``
     the raw merged predictions (see :mod:`matsciml.lightning.writers`).
 
@@ -145,7 +148,14 @@ def predict(
     from matsciml.datasets.collate import collate_samples
     from matsciml.datasets.structure_dataset import StructureDataset
     from matsciml.inference.checkpoint import load_task
-    from matsciml.inference.outputs import parity_metrics, plot_all, write_csv, write_extxyz, write_metrics
+    from matsciml.inference.outputs import (
+        parity_metrics,
+        plot_all,
+        write_csv,
+        write_extxyz,
+        write_inference_data,
+        write_metrics,
+    )
     from matsciml.lightning.writers import InferenceWriter
 
     if int(batch_size) < 1:
@@ -189,5 +199,6 @@ def predict(
     xyz_path = write_extxyz(result, _atoms_of(dataset), out / "predictions.extxyz")
     extra = {"checkpoint": str(checkpoint), "data": str(data), "structures": len(result["ids"])}
     metrics_path = write_metrics(metrics, out / "metrics.json", extra)
+    write_inference_data(result, out / "inference_data.json")
     plot_paths = plot_all(result, metrics, out) if plots else {}
     return PredictResult(out, csv_path, xyz_path, metrics_path, metrics, plot_paths, result)

@@ -19,6 +19,9 @@ The merged layout (``torch.load(path, weights_only=True)``)::
      "predictions": {key: Tensor},      # per structure [M, ...], per atom [sum natoms, ...]
      "targets": {key: Tensor}}          # same layout; NaN where a structure has no value
 
+One prediction dataloader per ``trainer.predict`` call (dataset indices of several would
+collide: a clear error says so).
+
 Hooks they act in: ``on_predict_batch_end`` (through ``write_on_batch_end``: split the
 batch per structure) and ``on_predict_epoch_end`` (write the part, barrier, merge on rank 0).
 
@@ -198,6 +201,11 @@ class _GatheringWriter(BasePredictionWriter):
             raise TypeError(
                 f"{type(self).__name__}: predict_step returned {type(prediction).__name__}; it must return a "
                 "mapping {'ids': [...], key: Tensor} as the matsciml tasks do"
+            )
+        if dataloader_idx != 0:
+            raise RuntimeError(
+                f"{type(self).__name__} writes one prediction dataloader (dataset indices would collide); call "
+                "trainer.predict once per dataset, each with its own writer folder"
             )
         if batch_indices is None and trainer.world_size > 1:
             raise RuntimeError(

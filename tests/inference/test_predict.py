@@ -41,6 +41,10 @@ def test_files_and_nan_record(predicted):
             assert row["band_gap_target"] == ""
         else:
             assert float(row["band_gap_target"]) == pytest.approx(atoms.info["band_gap"], rel=1e-6)
+    parity = json.loads((out / "inference_data.json").read_text())["band_gap"]
+    assert parity["name"] == "band_gap" and len(parity["predictions"]) == len(parity["targets"]) == 200
+    assert parity["targets"][nan_rows[0]] is None
+    assert parity["predictions"][3] == pytest.approx(float(rows[3]["band_gap_pred"]), rel=1e-6)
     written = ase.io.read(out / "predictions.extxyz", ":")
     assert len(written) == 200
     assert "band_gap_target" not in written[nan_rows[0]].info and "band_gap_pred" in written[nan_rows[0]].info
