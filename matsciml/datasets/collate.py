@@ -14,7 +14,7 @@ from matsciml.common.errors import DataError
 from matsciml.datasets import schema
 from matsciml.datasets.neighbors import describe_structure
 
-__all__ = ["collate_samples", "collate_graphs", "batch_to_device", "STACKED_TARGETS"]
+__all__ = ["collate_samples", "collate_graphs", "batch_to_device", "is_per_atom", "STACKED_TARGETS"]
 
 #: Targets that are one array per structure whatever their shape: always stacked to ``[B, ...]``.
 STACKED_TARGETS = ("stress", "virial", "dipole", "dipole_moment")
@@ -26,7 +26,8 @@ def _natoms(sample: dict[str, Any]) -> int:
     return int(sample[schema.GRAPH].num_nodes)
 
 
-def _is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int]) -> bool:
+def is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int]) -> bool:
+    """Whether ``values`` (one per structure) of ``key`` are per atom (see :func:`collate_samples`)."""
     if key in schema.PER_ATOM_TARGETS:
         return True
     if key in STACKED_TARGETS:
@@ -215,7 +216,7 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     common = [key for key in per_sample[0] if all(key in t for t in per_sample[1:])]
     for key in common:
         values = [t[key] if type(t[key]) is torch.Tensor else torch.as_tensor(t[key]) for t in per_sample]
-        if _is_per_atom(key, values, natoms):
+        if is_per_atom(key, values, natoms):
             for value, n, sample in zip(values, natoms, samples):
                 if value.dim() == 0 or value.shape[0] != n:
                     raise DataError(

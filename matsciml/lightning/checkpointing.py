@@ -25,8 +25,10 @@ Example (what the runner does)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from typing_extensions import override
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointInfo",
+    "atomic_path",
     "atomic_torch_save",
     "checkpoint_candidates",
     "find_resume_checkpoint",
@@ -110,6 +113,30 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> 
     if fsync:
         _fsync_folder(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; when the block ends without error it is renamed to ``path``.
+
+    Any writer (``savefig``, ``ase.io.write``, ``open``) writes the temporary file, so
+    ``path`` is at every moment absent, old or complete; on an error the temporary file
+    is removed. Its name keeps the suffix of ``path`` (writers that choose a format from
+    it still do).
+
+    Example::
+
+        with atomic_path(out / "parity_energy.png") as tmp:
+            figure.savefig(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{''.join(path.suffixes)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -62,7 +62,7 @@ TRAINER_KEYS = ("generic", "debug", "experiment", "callbacks", "loggers")
 #: Top-level keys of a dataset config.
 DATASET_KEYS = ("dataset", "debug", "experiment", "target_keys", "task_args")
 #: Keys of ``load_weights`` in an experiment config.
-LOAD_WEIGHTS_KEYS = ("method", "type", "path")
+LOAD_WEIGHTS_KEYS = ("method", "type", "path", "freeze", "encoder_lr")
 #: The two run types; each names a section of the trainer and dataset configs.
 RUN_TYPES = ("debug", "experiment")
 #: The configs a ``-c`` override may address.
@@ -554,6 +554,9 @@ def _load_weights_spec(raw: Any, file: ConfigFile) -> dict | None:
         )
     check_keys(raw, LOAD_WEIGHTS_KEYS, where)
     spec = {"method": raw.get("method", "checkpoint"), "type": raw.get("type", "local"), "path": raw.get("path")}
+    for key in ("freeze", "encoder_lr"):
+        if raw.get(key) is not None:
+            spec[key] = raw[key]
     if spec["method"] not in ("checkpoint", "pretrained"):
         raise ConfigError(
             f"{where}.method: unknown method {spec['method']!r}; {closest(str(spec['method']), ['checkpoint', 'pretrained'])}"

@@ -320,6 +320,7 @@ def prepare_experiment(
     datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed, trainer_args)
     _setup_data(datamodule, dataset, run_type, spec.task.targets)
     task = build.build_task(task_cls, task_kwargs, model)
+    task.data_transforms = copy.deepcopy(model.data.get("transforms"))
     loaded = None
     if spec.load_weights is not None:
         loaded = load_weights(task, spec.load_weights, experiment.where("load_weights"))

@@ -16,6 +16,8 @@ Periodic work, stopping and best checkpoints
     :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`.
 Train-end pipeline
     :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
+Prediction writers (``trainer.predict``)
+    :class:`InferenceWriter`, :class:`LeaderboardWriter` (in :mod:`matsciml.lightning.writers`).
 Configuration
     :func:`build_callbacks` (``class_path``/``init_args`` and ``kind`` + ``every_n_*`` styles).
 """
@@ -51,6 +53,7 @@ from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEar
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd, TrainEndCallback
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
+from matsciml.lightning.writers import InferenceWriter, LeaderboardWriter
 
 __all__ = [
     "ExponentialMovingAverageCallback",
@@ -85,6 +88,8 @@ __all__ = [
     "ExportOnTrainEnd",
     "ArchiveOnTrainEnd",
     "MetadataLogger",
+    "InferenceWriter",
+    "LeaderboardWriter",
     "build_callbacks",
 ]
 

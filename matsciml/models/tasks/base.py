@@ -31,6 +31,7 @@ from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.models.tasks.transfer import TransferMixin
 
 __all__ = ["BaseTaskModule", "to_plain"]
 
@@ -143,7 +144,7 @@ def _encoder_class(name: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unknown encoder {name!r}; give its import path, e.g. 'matsciml.models.PLEGNNBackbone'")
 
 
-class BaseTaskModule(pl.LightningModule):
+class BaseTaskModule(TransferMixin, pl.LightningModule):
     """Base of the tasks: encoder, output heads, losses, normalisation, metrics, optimiser.
 
     Use a concrete task (:class:`~matsciml.models.tasks.scalar.ScalarRegressionTask`,
@@ -572,8 +573,12 @@ class BaseTaskModule(pl.LightningModule):
         return {"ids": ids, **{key: value.detach() for key, value in predictions.items()}}
 
     def configure_optimizers(self) -> Any:
-        """AdamW(``lr``, ``weight_decay``) and the schedulers of ``scheduler_kwargs``."""
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        """AdamW(``lr``, ``weight_decay``) over the trainable parameters, and the schedulers of ``scheduler_kwargs``.
+
+        With :attr:`encoder_lr` set, the encoder's parameters form a second group with
+        that learning rate. Frozen parameters (``requires_grad=False``) are left out.
+        """
+        optimizer = torch.optim.AdamW(self._parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
         schedulers = []
         for spec in self._scheduler_specs:
             cls = spec["class_path"]

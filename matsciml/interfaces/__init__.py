@@ -1,0 +1,1 @@
+"""Interfaces to other simulation packages (:mod:`matsciml.interfaces.ase`)."""
