@@ -42,7 +42,8 @@ class GradFreeForceRegressionTask(BaseTaskModule):
     loss_func
         Default ``torch.nn.MSELoss`` (upstream's), per component.
     normalize_kwargs
-        ``forces_mean``/``forces_std`` (or ``force_*``) scale the head's output.
+        ``<key>_mean``/``<key>_std`` (``forces_std``, or ``force_std`` for the key ``force``) scale the
+        head's output.
 
     Logged: ``<split>_loss``, ``<split>_total``, ``<split>_<key>`` and
     ``<split>_<key>_mae`` (over every component of every atom).
