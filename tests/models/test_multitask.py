@@ -353,3 +353,42 @@ def test_single_task_encoder_into_multitask_and_whole_multitask_checkpoint(unint
         load_weights(
             helpers.scalar_task(["y"], 0).double(), {"method": "checkpoint", "type": "local", "path": str(ckpt)}
         )
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_a_pair_absent_on_one_rank(tmp_path):
+    """Every parameter takes part in every all-reduce; the result is SAM on the mean of the ranks' losses."""
+    import os
+    import subprocess
+
+    worker = HERE / "_multitask_ddp_worker.py"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for kind in ("raw", "ema"):
+        for key, value in ranks[0][kind].items():
+            assert torch.equal(value, ranks[1][kind][key]), (kind, key)
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_multitask_ddp_worker", worker)
+    ddp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp)
+    shards = [ddp.rank_batches(0), ddp.rank_batches(1)]
+    windows = [(0, [(shards[0][s], shards[1][s])]) for s in range(len(shards[0]))]
+
+    def mean_loss(net, pair):
+        return 0.5 * (helpers.hand_loss(net, pair[0]) + helpers.hand_loss(net, pair[1]))
+
+    def adamw(params, lr):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    torch.manual_seed(0)
+    start = helpers.two_pair_module().double()
+    reference, _, _ = reference_sam(copy.deepcopy(start), windows, opt=adamw, lr=0.01, rho=ddp.RHO, loss_fn=mean_loss)
+    for key, value in reference.state_dict().items():
+        assert (ranks[0]["raw"][key] - value).abs().max().item() < 1e-10, key
