@@ -31,8 +31,9 @@ from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.models.tasks.optim import with_schedulers
 
-__all__ = ["BaseTaskModule", "to_plain", "with_schedulers"]
+__all__ = ["BaseTaskModule", "to_plain"]
 
 _REDUCTIONS = ("mean", "sum", "max")
 _HEAD_ARGS = tuple(p for p in inspect.signature(OutputHead).parameters if p != "output_dim")
@@ -121,24 +122,6 @@ def to_plain(value: Any, strict: bool = False, where: str = "") -> Any:
         "load_from_checkpoint needs it passed again"
     )
     return None
-
-
-def with_schedulers(optimizer: torch.optim.Optimizer, specs: list[dict[str, Any]]) -> Any:
-    """``configure_optimizers``' return value: ``optimizer`` with the parsed scheduler ``specs`` attached."""
-    schedulers = []
-    for spec in specs:
-        config = {"scheduler": spec["class_path"](optimizer, **dict(spec.get("init_args") or {}))}
-        config["interval"] = spec.get("interval", "epoch")
-        config["frequency"] = int(spec.get("frequency", 1))
-        if "monitor" in spec or isinstance(config["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = spec.get("monitor", "val_loss")
-        config.update({key: spec[key] for key in ("name", "strict") if key in spec})
-        schedulers.append(config)
-    if not schedulers:
-        return optimizer
-    if len(schedulers) == 1:
-        return {"optimizer": optimizer, "lr_scheduler": schedulers[0]}
-    return [optimizer], schedulers
 
 
 # ----------------------------------------------------------------------------- encoders

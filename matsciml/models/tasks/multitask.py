@@ -38,8 +38,9 @@ from torch import nn
 
 from matsciml.common.config import is_spec
 from matsciml.common.errors import ConfigError, DataError, closest
-from matsciml.models.tasks.base import BaseTaskModule, _class_path, to_plain, with_schedulers
+from matsciml.models.tasks.base import BaseTaskModule, _class_path, to_plain
 from matsciml.models.tasks.metrics import TaskMetrics
+from matsciml.models.tasks.optim import with_schedulers
 from matsciml.registry import register_task
 
 __all__ = ["MultiTaskLitModule", "RESERVED_BATCH_KEYS"]
