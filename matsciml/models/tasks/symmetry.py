@@ -42,7 +42,7 @@ def crystal_system_index(number: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, index, torch.full_like(index, float("nan")))
 
 
-def spacegroup_numbers(graph: Any, symprec: float = 0.1) -> torch.Tensor:
+def spacegroup_numbers(graph: Any, symprec: float = 0.01) -> torch.Tensor:
     """International space-group number of every structure of a batched graph (spglib via pymatgen).
 
     Parameters
@@ -112,7 +112,7 @@ class CrystalSymmetryClassificationTask(BaseTaskModule):
     freeze_embedding
         Freeze the encoder's ``atom_embedding`` (upstream argument), default ``False``.
     symprec
-        spglib tolerance (Å) when labels are computed, default 0.1.
+        spglib tolerance (Å) when labels are computed, default 0.01 (pymatgen's).
 
     Logged: ``<split>_loss``, ``<split>_total``, ``<split>_<key>`` and
     ``<split>_<key>_accuracy`` (fraction of structures whose most probable class is right).
@@ -137,7 +137,7 @@ class CrystalSymmetryClassificationTask(BaseTaskModule):
     allowed_task_keys = ("spacegroup", "crystal_system")
     metric_kind = MULTICLASS
 
-    def __init__(self, *args: Any, freeze_embedding: bool = False, symprec: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, freeze_embedding: bool = False, symprec: float = 0.01, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.freeze_embedding = bool(freeze_embedding)
         self.symprec = float(symprec)
