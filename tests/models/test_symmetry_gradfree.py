@@ -156,3 +156,14 @@ def test_computed_spacegroups_agree_with_oqmd_labels():
     assert len(set(labels)) >= 4  # several groups, not one repeated label
     # OQMD labels the prototype; a few relaxed structures are more symmetric at 0.01 Å
     assert sum(g == e for g, e in zip(got, labels)) >= 22, list(zip(got, labels))
+
+
+def test_upstream_symmetry_layout_is_read():
+    task = CrystalSymmetryClassificationTask(
+        encoder_class=helpers.ENCODER, encoder_kwargs=dict(helpers.ENCODER_KWARGS), output_kwargs={"hidden_dim": 8}
+    )
+    batch = helpers.stack(helpers.samples(3, (), seed=0))
+    batch["symmetry"] = {"number": torch.tensor([3, 200, 230])}
+    logits = task._raw_predictions(batch)[0]["spacegroup"].detach()
+    by_hand = -torch.log_softmax(logits, -1)[[0, 1, 2], [2, 199, 229]].mean()
+    assert task.compute_losses(batch)["per_key"]["spacegroup"].item() == pytest.approx(by_hand.item(), rel=1e-6)

@@ -15,6 +15,10 @@ contributes nothing to that step. The total loss is::
     sum over pairs p present: task_scaling[p] * sum over keys k of p:
         task_loss_scaling["<dataset>_<k>"] * per_key["<dataset>_<k>"]
 
+Each task runs its own forward pass through the shared encoder on its dataset's
+sub-batch (a dataset with two tasks is encoded twice per step; force tasks need their
+own pass with gradients on the positions anyway).
+
 Training uses automatic optimisation with one AdamW optimizer whose parameter groups are
 the encoder (``encoder_opt_kwargs`` ``lr``/``weight_decay``, default the first task's)
 and each pair's own parameters (that task's ``lr``/``weight_decay``); so EMA, SAM,

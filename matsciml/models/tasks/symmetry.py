@@ -1,8 +1,8 @@
 """``CrystalSymmetryClassificationTask``: space group and crystal system of each structure.
 
-Labels come from the data (``targets["spacegroup"]``: the international space-group
-number 1-230; ``targets["crystal_system"]``: 0-6 in the order of
-:data:`CRYSTAL_SYSTEMS`). A batch without them gets them computed from the structure
+Labels come from the data (``targets["spacegroup"]``, or upstream's
+``batch["symmetry"]["number"]``: the international space-group number 1-230;
+``targets["crystal_system"]``: 0-6 in the order of :data:`CRYSTAL_SYSTEMS`). A batch without them gets them computed from the structure
 (positions, cell, atomic numbers) with spglib through pymatgen's
 ``SpacegroupAnalyzer`` (tolerance ``symprec``); the crystal system follows from the
 space-group number.
@@ -176,6 +176,9 @@ class CrystalSymmetryClassificationTask(BaseTaskModule):
         """Class index ``[B]`` (float, NaN where missing): from the batch's targets or computed by spglib."""
         targets = batch.get("targets") if isinstance(batch, Mapping) else None
         targets = targets if isinstance(targets, Mapping) else {}
+        upstream = batch.get("symmetry") if isinstance(batch, Mapping) else None
+        if "spacegroup" not in targets and isinstance(upstream, Mapping) and "number" in upstream:
+            targets = {**targets, "spacegroup": upstream["number"]}  # upstream's layout: batch["symmetry"]["number"]
         size = like.shape[0]
         if key in targets:
             value = torch.as_tensor(targets[key]).to(torch.float64).reshape(-1)
