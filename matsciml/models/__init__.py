@@ -14,7 +14,10 @@ from matsciml.models.heads import OutputHead
 from matsciml.models.tasks import (
     BaseTaskModule,
     BinaryClassificationTask,
+    CrystalSymmetryClassificationTask,
     ForceRegressionTask,
+    GradFreeForceRegressionTask,
+    MultiTaskLitModule,
     ScalarRegressionTask,
     get_task_class,
 )
@@ -31,4 +34,7 @@ __all__ = [
     "ScalarRegressionTask",
     "BinaryClassificationTask",
     "ForceRegressionTask",
+    "GradFreeForceRegressionTask",
+    "CrystalSymmetryClassificationTask",
+    "MultiTaskLitModule",
 ]

@@ -8,8 +8,19 @@ from __future__ import annotations
 from matsciml.models.tasks import (
     BaseTaskModule,
     BinaryClassificationTask,
+    CrystalSymmetryClassificationTask,
     ForceRegressionTask,
+    GradFreeForceRegressionTask,
+    MultiTaskLitModule,
     ScalarRegressionTask,
 )
 
-__all__ = ["BaseTaskModule", "ScalarRegressionTask", "BinaryClassificationTask", "ForceRegressionTask"]
+__all__ = [
+    "BaseTaskModule",
+    "ScalarRegressionTask",
+    "BinaryClassificationTask",
+    "ForceRegressionTask",
+    "GradFreeForceRegressionTask",
+    "CrystalSymmetryClassificationTask",
+    "MultiTaskLitModule",
+]

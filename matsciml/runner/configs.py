@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: Top-level keys of an experiment config.
-EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir", "resume")
+EXPERIMENT_KEYS = ("model", "dataset", "load_weights", "seed", "log_dir", "resume", "sampling", "task_scaling")
 #: Top-level keys of a trainer config.
 TRAINER_KEYS = ("generic", "debug", "experiment", "callbacks", "loggers")
 #: Top-level keys of a dataset config.
@@ -117,9 +117,19 @@ class ExperimentSpec:
     model
         The model config's stem.
     dataset
-        The dataset config's stem.
+        The dataset config's stem (the first one of a multi-task run).
     task
-        The (single) task to train.
+        The task to train (the first one of a multi-task run).
+    tasks
+        ``{dataset config stem: [task, ...]}``: every (dataset, task) pair, in file order.
+        More than one pair makes a multi-task run
+        (:class:`~matsciml.models.tasks.multitask.MultiTaskLitModule`).
+    sampling
+        Multi-task runs: ``"proportional"`` (default) or ``"balanced"`` shares of the
+        datasets in a training epoch.
+    task_scaling
+        Multi-task runs: weight of each pair's loss (a list in pair order, or a mapping
+        from ``<dataset>_<TaskClass>`` or a dataset name), or ``None``.
     load_weights
         ``{"method": "checkpoint"|"pretrained", "type": "local"|"wandb", "path": str}`` or ``None``.
     seed
@@ -140,6 +150,14 @@ class ExperimentSpec:
     seed: int | None = None
     log_dir: str | None = None
     resume: str | None = None
+    tasks: dict[str, list[TaskSpec]] = field(default_factory=dict)
+    sampling: str = "proportional"
+    task_scaling: Any = None
+
+    @property
+    def is_multitask(self) -> bool:
+        """More than one (dataset, task) pair."""
+        return sum(len(specs) for specs in self.tasks.values()) > 1
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -475,8 +493,8 @@ def parse_experiment(
     ------
     ConfigError
         Unknown top-level key, missing ``model``/``dataset``, unknown model or dataset stem,
-        unknown task, several tasks or datasets (multi-task runs are not supported yet),
-        or a malformed ``load_weights``.
+        unknown task, two tasks of one class on one dataset, a bad ``sampling`` or
+        ``task_scaling``, or a malformed ``load_weights``.
     """
     data = file.data
     check_keys(data, EXPERIMENT_KEYS, file.where())
@@ -505,13 +523,23 @@ def parse_experiment(
     for specs in tasks.values():
         for spec in specs:
             spec.task = _task_name(spec)
-    n_tasks = sum(len(s) for s in tasks.values())
-    if len(tasks) > 1 or n_tasks != 1:
-        what = f"{len(tasks)} datasets" if len(tasks) > 1 else f"{n_tasks} tasks"
+    for name, specs in tasks.items():
+        seen: dict[str, str] = {}
+        for spec in specs:
+            if spec.task in seen:
+                raise ConfigError(
+                    f"{spec.where}: {name} has two {spec.task}s (also at {seen[spec.task]}); list all their targets "
+                    "in one"
+                )
+            seen[spec.task] = spec.where
+    sampling = data.get("sampling", "proportional")
+    if sampling not in ("proportional", "balanced"):
         raise ConfigError(
-            f"{file.where('dataset')}: {what} make a multi-task run, which is not supported yet; "
-            "give one dataset with one task (list several targets in that task's 'targets' instead)"
+            f"{file.where('sampling')}: {sampling!r}; {closest(str(sampling), ['proportional', 'balanced'])}"
         )
+    scaling = data.get("task_scaling")
+    if scaling is not None and not isinstance(scaling, (list, dict)):
+        raise ConfigError(f"{file.where('task_scaling')}: expected a list (one weight per task) or a mapping")
     dataset = next(iter(tasks))
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -527,6 +555,9 @@ def parse_experiment(
         seed=seed,
         log_dir=None if log_dir is None else str(log_dir),
         resume=resume,
+        tasks=tasks,
+        sampling=sampling,
+        task_scaling=scaling,
     )
 
 

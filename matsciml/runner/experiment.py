@@ -47,6 +47,7 @@ from matsciml.runner.configs import (
     merge_sections,
     parse_experiment,
 )
+from matsciml.runner.multitask import build_multitask, check_targets_listed, logged_metric_names, summarize_pairs
 from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
 from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae
 
@@ -65,7 +66,9 @@ class PreparedRun:
     experiment
         The parsed experiment config.
     trainer_config, model_config, dataset_config
-        The configs in use, after ``-c`` overrides.
+        The configs in use, after ``-c`` overrides (``dataset_config``: the first dataset's).
+    dataset_configs
+        ``{stem: dataset config}`` of every dataset of the run.
     run_type
         ``"debug"`` or ``"experiment"``.
     run_dir
@@ -98,18 +101,22 @@ class PreparedRun:
     loaded_weights: dict | None = None
     resume: str | None = None
     resume_checkpoint: Path | None = None
+    dataset_configs: dict[str, ConfigFile] = field(default_factory=dict)
 
     def resolved_config(self) -> dict[str, Any]:
         """The merged configuration written to ``config.yaml``."""
+        multi, tasks = self.experiment.is_multitask, self.experiment.tasks
         return {
             "experiment": copy.deepcopy(self.experiment.file.data),
             "trainer": copy.deepcopy(self.trainer_config.data),
             "model": copy.deepcopy(self.model_config.data),
             "dataset": copy.deepcopy(self.dataset_config.data),
+            **({"datasets": {k: copy.deepcopy(v.data) for k, v in self.dataset_configs.items()}} if multi else {}),
             "run": {
                 "run_type": self.run_type,
                 "task": self.experiment.task.task,
                 "targets": list(self.experiment.task.targets),
+                **({"tasks": {k: [[t.task, list(t.targets)] for t in v] for k, v in tasks.items()}} if multi else {}),
                 "seed": self.seed,
                 "run_dir": str(self.run_dir),
                 "files": {
@@ -176,23 +183,6 @@ def _resolve(path: str | Path | None, kind: str) -> Path:
     return Path(path) if path is not None else default_config_path(kind)
 
 
-def _check_targets_listed(spec: ExperimentSpec, dataset: ConfigFile) -> None:
-    """The experiment's targets must be among the dataset config's ``target_keys`` (when it lists them)."""
-    listed = dataset.data.get("target_keys")
-    if listed is None:
-        return
-    if isinstance(listed, str):
-        listed = [listed]
-    if not isinstance(listed, list):
-        raise ConfigError(f"{dataset.where('target_keys')}: expected a list of target names")
-    for target in spec.task.targets:
-        if target not in listed:
-            raise ConfigError(
-                f"{spec.task.targets_where}: target {target!r} is not in target_keys of {dataset.path} "
-                f"({', '.join(map(str, listed))}); {closest(target, [str(t) for t in listed])}"
-            )
-
-
 def _setup_data(datamodule: Any, dataset: ConfigFile, run_type: str, targets: list[str]) -> None:
     """Read and validate the data now, so data problems surface before training, naming the dataset config."""
     try:
@@ -204,26 +194,9 @@ def _setup_data(datamodule: Any, dataset: ConfigFile, run_type: str, targets: li
         ) from None
 
 
-def _logged_metric_names(task: Any) -> list[str] | None:
-    """Names the task logs (see docs/tasks.rst), or ``None`` when the task does not say."""
-    keys = getattr(task, "task_keys", None)
-    if not keys:
-        return None
-    kind = getattr(task, "metric_kind", "regression")
-    names = []
-    for split in ("train", "val"):
-        stems = ["loss", "total"]
-        for key in keys:
-            stems += [key, f"{key}_mae" if kind == "regression" else f"{key}_accuracy"]
-        names += [f"{split}_{s}" for s in stems]
-        if split == "train":
-            names += [f"train_{s}_{suffix}" for s in stems for suffix in ("step", "epoch")]
-    return names
-
-
 def _check_monitors(trainer: Any, trainer_config: ConfigFile, task: Any, datamodule: Any) -> None:
     """Every monitored metric must be one the task logs; ``val_*`` needs a validation split."""
-    names = _logged_metric_names(task)
+    names = logged_metric_names(task)
     has_val = "val" in datamodule.datasets
     specs = trainer_config.data.get("callbacks") or []
     for i, callback in enumerate(trainer.callbacks):
@@ -304,22 +277,31 @@ def prepare_experiment(
     datasets = load_registry(_resolve(dataset_config, "datasets"), "dataset")
     spec = parse_experiment(experiment, models, datasets)
     model = models[spec.model].copy()
-    dataset = datasets[spec.dataset].copy()
+    dataset_files = {name: datasets[name].copy() for name in spec.tasks or [spec.dataset]}
+    dataset = dataset_files[spec.dataset]
     overrides = list(overrides or [])
     apply_overrides(overrides, {"trainer": trainer_file, "model": model, "dataset": dataset})
+    for other in dataset_files.values():  # a dataset override applies to every dataset of a multi-task run
+        if other is not dataset:
+            apply_overrides([o for o in overrides if o.startswith("dataset.")], {"dataset": other})
     run_type = "debug" if debug else "experiment"
     seed = spec.seed if seed is None else seed
 
     build.check_trainer_config(trainer_file)
-    _check_targets_listed(spec, dataset)
-    task_cls = build.task_class(spec.task.task, spec.task.where)
-    task_kwargs = build.task_arguments(task_cls, model, dataset, run_type, spec.task.targets)
-    if seed is not None:
-        pl.seed_everything(seed, workers=True, verbose=False)
     trainer_args = merge_sections(trainer_file, run_type)
-    datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed, trainer_args)
-    _setup_data(datamodule, dataset, run_type, spec.task.targets)
-    task = build.build_task(task_cls, task_kwargs, model)
+    if spec.is_multitask:
+        if seed is not None:
+            pl.seed_everything(seed, workers=True, verbose=False)
+        datamodule, task = build_multitask(spec, model, dataset_files, run_type, seed)
+    else:
+        check_targets_listed(spec.task, dataset)
+        task_cls = build.task_class(spec.task.task, spec.task.where)
+        task_kwargs = build.task_arguments(task_cls, model, dataset, run_type, spec.task.targets)
+        if seed is not None:
+            pl.seed_everything(seed, workers=True, verbose=False)
+        datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed, trainer_args)
+        _setup_data(datamodule, dataset, run_type, spec.task.targets)
+        task = build.build_task(task_cls, task_kwargs, model)
     task.data_transforms = copy.deepcopy(model.data.get("transforms"))
     loaded = None
     if spec.load_weights is not None:
@@ -347,6 +329,7 @@ def prepare_experiment(
         loaded_weights=loaded,
         resume=resume_setting,
         resume_checkpoint=checkpoint,
+        dataset_configs=dataset_files,
     )
 
 
@@ -447,7 +430,10 @@ def summarize(prepared: PreparedRun) -> tuple[list[TargetSummary], str | None, s
         task.load_state_dict(read_state_dict(best, "best checkpoint"), strict=True)
     targets: list[TargetSummary] = []
     regression = getattr(task, "metric_kind", "regression") == "regression"
-    if "val" not in dm.datasets:
+    if prepared.experiment.is_multitask:
+        targets, pair_notes = summarize_pairs(task, dm)
+        notes += pair_notes
+    elif "val" not in dm.datasets:
         notes.append("No validation split: no validation MAE (set val_split in the dataset config).")
     elif not regression:
         notes.append("Classification task: see val_<target>_accuracy in metrics.csv.")

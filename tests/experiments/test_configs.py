@@ -194,16 +194,23 @@ def test_experiment_errors_name_file_key_and_suggestion():
     assert "dataset.devset[0].target" in msg and "did you mean 'targets'" in msg
 
 
-def test_multi_task_is_refused_clearly():
+def test_multi_task_specs_are_parsed_in_file_order():
     two_tasks = [
         {"task": "ScalarRegressionTask", "targets": ["energy"]},
         {"task": "BinaryClassificationTask", "targets": ["stable"]},
     ]
-    msg = _exp_error({"model": "e3nn", "dataset": {"devset": two_tasks}})
-    assert "multi-task" in msg and "not supported yet" in msg
     one = [{"task": "ScalarRegressionTask", "targets": ["energy"]}]
-    msg = _exp_error({"model": "e3nn", "dataset": {"devset": one, "oqmd": one}})
-    assert "2 datasets" in msg and "not supported yet" in msg
+    spec = parse_experiment(
+        cfg("exp", {"model": "e3nn", "dataset": {"devset": two_tasks, "oqmd": one}}, "cfgs/exp.yaml"),
+        {"e3nn": cfg("e3nn", {})},
+        {"devset": cfg("devset", {}), "oqmd": cfg("oqmd", {})},
+    )
+    assert spec.is_multitask and spec.dataset == "devset" and spec.task.task == "ScalarRegressionTask"
+    assert [(t.task, t.targets) for t in spec.tasks["devset"]] == [
+        ("ScalarRegressionTask", ["energy"]),
+        ("BinaryClassificationTask", ["stable"]),
+    ]
+    assert [t.task for t in spec.tasks["oqmd"]] == ["ScalarRegressionTask"]
 
 
 def test_load_weights_spec_checks():

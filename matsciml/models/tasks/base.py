@@ -31,6 +31,7 @@ from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.models.tasks.optim import with_schedulers
 from matsciml.models.tasks.transfer import TransferMixin
 
 __all__ = ["BaseTaskModule", "to_plain"]
@@ -579,23 +580,7 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
         that learning rate. Frozen parameters (``requires_grad=False``) are left out.
         """
         optimizer = torch.optim.AdamW(self._parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
-        schedulers = []
-        for spec in self._scheduler_specs:
-            cls = spec["class_path"]
-            config = {"scheduler": cls(optimizer, **dict(spec.get("init_args") or {}))}
-            config["interval"] = spec.get("interval", "epoch")
-            config["frequency"] = int(spec.get("frequency", 1))
-            if "monitor" in spec or isinstance(config["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config["monitor"] = spec.get("monitor", "val_loss")
-            for key in ("name", "strict"):
-                if key in spec:
-                    config[key] = spec[key]
-            schedulers.append(config)
-        if not schedulers:
-            return optimizer
-        if len(schedulers) == 1:
-            return {"optimizer": optimizer, "lr_scheduler": schedulers[0]}
-        return [optimizer], schedulers
+        return with_schedulers(optimizer, self._scheduler_specs)
 
     # ------------------------------------------------------------------ transfer
     @classmethod

@@ -14,8 +14,12 @@ Names, for ``split`` in ``train``, ``val``, ``test`` and each task key ``key``:
                            of target elements (structures, or atoms x 3 for forces)
 ``<split>_<key>_mae``      mean absolute error in data units, over every element
                            (forces: every component of every atom) -- regression keys
-``<split>_<key>_accuracy`` fraction of correct labels at probability 0.5 -- binary keys
+``<split>_<key>_accuracy`` fraction of correct labels: at probability 0.5 for binary
+                           keys, the most probable class for multi-class keys
 ========================== ===========================================================
+
+A key absent from a batch's ``per_key`` (a multi-task batch without structures of that
+key's dataset) is skipped for that batch: it adds nothing to the sums and counts.
 
 Training metrics are logged per step and per epoch (Lightning appends ``_step`` /
 ``_epoch`` in the logger; callbacks see the plain name); validation and test metrics per
@@ -39,6 +43,7 @@ __all__ = ["TaskMetrics", "WeightedMean", "SPLITS"]
 SPLITS = ("train", "val", "test")
 REGRESSION = "regression"
 BINARY = "binary"
+MULTICLASS = "multiclass"
 
 
 class WeightedMean(Metric):
@@ -72,7 +77,9 @@ class TaskMetrics(nn.Module):
     Parameters
     ----------
     kinds
-        ``{task_key: "regression" | "binary"}`` in logging order.
+        ``{task_key: "regression" | "binary" | "multiclass"}`` in logging order.
+        Multi-class predictions are ``[N, num_classes]`` probabilities (or logits) and
+        targets class indices ``[N]``.
     splits
         Splits to create metrics for, default ``("train", "val", "test")``.
     """
@@ -91,8 +98,10 @@ class TaskMetrics(nn.Module):
                     store[f"{split}_{key}_mae"] = MeanAbsoluteError()
                 elif kind == BINARY:
                     store[f"{split}_{key}_accuracy"] = BinaryAccuracy()
+                elif kind == MULTICLASS:
+                    store[f"{split}_{key}_accuracy"] = WeightedMean()
                 else:
-                    raise ValueError(f"metric kind {kind!r} of {key!r} must be 'regression' or 'binary'")
+                    raise ValueError(f"metric kind {kind!r} of {key!r} must be 'regression', 'binary' or 'multiclass'")
         self.store = nn.ModuleDict(store)
 
     def update(self, split: str, result: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Metric]:
@@ -131,10 +140,15 @@ class TaskMetrics(nn.Module):
         add(f"{split}_total", loss, batch_size)
         counts = result.get("counts", {})
         for key, kind in self.kinds.items():
+            if key not in result["per_key"]:
+                continue  # no structure of this key in the batch
             value = result["per_key"][key].detach()
             count = counts.get(key, batch_size)
             if count:
                 add(f"{split}_{key}", value, float(count))
+            if kind == MULTICLASS:
+                self._add_multiclass(add, f"{split}_{key}_accuracy", result["predictions"][key], targets[key])
+                continue
             pred = result["predictions"][key].detach().reshape(-1)
             pred, target, n = finite_pairs(pred, targets[key].reshape(-1).to(pred.dtype))
             if n == 0:
@@ -144,3 +158,14 @@ class TaskMetrics(nn.Module):
             else:
                 add(f"{split}_{key}_accuracy", pred, target.long())
         return logged
+
+    @staticmethod
+    def _add_multiclass(add: Any, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Accuracy of the most probable class, over the targets that are valid class indices (>= 0)."""
+        pred = pred.detach().reshape(-1, pred.shape[-1])
+        target = target.detach().reshape(-1).to(pred.device)
+        keep = target >= 0
+        n = int(keep.sum())
+        if n:
+            correct = (pred[keep].argmax(-1) == target[keep].long()).to(torch.float64)
+            add(name, correct.mean(), float(n))

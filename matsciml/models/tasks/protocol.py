@@ -41,6 +41,15 @@ This module is the one reference for it. A task is a ``LightningModule`` that of
 
 ``training_step`` calls ``compute_losses`` and then logs; it returns the loss.
 
+**Multi-task modules** (:class:`~matsciml.models.tasks.multitask.MultiTaskLitModule`)
+follow the same protocol with *pair keys* ``"<dataset>_<task key>"``: ``task_keys``,
+``task_loss_scaling``, ``per_key``, ``counts`` and ``predictions`` use them, and
+``output_heads`` is keyed ``"<dataset>_<head>"``. Their batch is a mapping from dataset
+name to that dataset's batch plus ``batch_size`` (the total), and ``per_key`` holds only
+the pairs whose dataset is present in the batch (a pair without structures adds nothing
+to the loss). They also offer ``task_scaling`` (the mutable list of each pair's weight)
+and ``metric_kinds`` (``{pair key: "regression" | "binary" | "multiclass"}``).
+
 Any ``LightningModule`` that offers these members gets the callbacks' full behaviour;
 for one that does not, callbacks use :func:`compute_loss`, which falls back to
 ``training_step`` (which may log: a second call logs twice), and say once what they

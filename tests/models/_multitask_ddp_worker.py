@@ -1,0 +1,86 @@
+"""Two-process DDP run (gloo, CPU) of the multi-task module with SAM and EMA, started by ``test_multitask.py``.
+
+Usage: ``python _multitask_ddp_worker.py OUT_DIR``. The ranks see different batches, and at some
+steps one rank has no structure of dataset ``b``: its pair is absent there. Each rank writes
+``rank<r>.pt`` with its final raw and EMA weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _multitask_helpers as helpers  # noqa: E402
+
+RHO = 0.05
+#: (structures of "a", structures of "b") per step and rank; "b" is absent on one rank at steps 1 and 2
+SIZES = {0: [(3, 2), (2, 0), (3, 3), (2, 2)], 1: [(2, 3), (3, 2), (2, 0), (3, 2)]}
+
+
+def rank_batches(rank: int) -> list[dict]:
+    a = helpers.samples(20, ("y",), seed=10 + rank)
+    b = helpers.samples(20, ("u", "v"), seed=20 + rank)
+    out, i, j = [], 0, 0
+    for na, nb in SIZES[rank]:
+        batch = {"a": helpers.stack(a[i : i + na])}
+        if nb:
+            batch["b"] = helpers.stack(b[j : j + nb])
+        batch["batch_size"] = na + nb
+        out.append(batch)
+        i, j = i + na, j + nb
+    return out
+
+
+class _List(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_module():
+    torch.manual_seed(0)
+    module = helpers.two_pair_module().double()
+
+    def train_dataloader():
+        return torch.utils.data.DataLoader(_List(rank_batches(module.global_rank)), batch_size=None)
+
+    module.train_dataloader = train_dataloader
+    return module
+
+
+def main(out_dir: str) -> None:
+    from matsciml.lightning.callbacks import SAM, ExponentialMovingAverageCallback
+
+    module = make_module()
+    ema = ExponentialMovingAverageCallback(decay=0.7)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=len(SIZES[0]),
+        callbacks=[SAM(rho=RHO), ema],
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module)
+    torch.save(
+        {"raw": ema.raw_state_dict(), "ema": ema.ema_state_dict()}, Path(out_dir) / f"rank{trainer.global_rank}.pt"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
