@@ -124,7 +124,7 @@ class StructureDataset(Dataset):
         self.on_invalid = on_invalid
         self.cache = cache
         self._records = open_records(self.path, format)
-        self._lazy = isinstance(self._records, LMDBReader)
+        self._lazy = isinstance(self._records, LMDBReader) or bool(getattr(self._records, "lazy", False))
         self._cached: dict[int, dict[str, Any]] = {}
         self._indices: list[int] | None = None
         self.dropped: dict[int, str] = {}
