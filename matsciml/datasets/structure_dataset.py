@@ -10,6 +10,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from matsciml.common.errors import ConfigError, DataError, closest
+from matsciml.datasets import schema
 from matsciml.datasets.readers.common import copy_sample
 from matsciml.datasets.readers.formats import open_records
 from matsciml.datasets.readers.lmdb_format import LMDBReader
@@ -120,7 +121,8 @@ class StructureDataset(Dataset):
             target_keys = [target_keys]
         self.path = Path(path)
         self.transforms = _build_transforms(transforms)
-        self.target_keys: list[str] | None = list(target_keys) if target_keys is not None else None
+        # the toolkit's names are accepted (``force`` is ``forces``, see schema.TARGET_ALIASES)
+        self.target_keys: list[str] | None = schema.canonical_targets(target_keys)
         self.on_invalid = on_invalid
         self.cache = cache
         self._records = open_records(self.path, format)

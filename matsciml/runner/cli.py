@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--cli_args",
         nargs="+",
+        action="extend",
         default=None,
         metavar="CONFIG.KEY.VALUE",
-        help="override single values, e.g. dataset.debug.batch_size.16 trainer.generic.max_epochs.3 model.lr.0.001",
+        help="override single values, e.g. dataset.debug.batch_size.16 trainer.generic.max_epochs.3 model.lr.0.001 "
+        "(-c may be given several times; every override applies, in order)",
     )
     parser.add_argument(
         "-o",
