@@ -184,9 +184,9 @@ def test_missing_label_is_nan_and_follows_on_invalid():
     assert len(missing) == 1
     assert math.isnan(float(reader[missing[0]]["targets"]["band_gap"]))  # not 0.0
     with pytest.raises(DataError, match="band_gap"):
-        OQMDDataset(UP / "oqmd", target_keys=["band_gap"])
+        OQMDDataset(UP / "oqmd", target_keys=["band_gap"], on_invalid="error")
     with pytest.warns(UserWarning, match="dropped 1 of 200"):
-        kept = OQMDDataset(UP / "oqmd", target_keys=["band_gap", "energy", "stability"], on_invalid="drop")
+        kept = OQMDDataset(UP / "oqmd", target_keys=["band_gap", "energy", "stability"])  # drop: the default here
     assert len(kept) == 199
 
 

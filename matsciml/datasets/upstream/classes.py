@@ -56,9 +56,14 @@ class UpstreamDataset(StructureDataset):
     ----------
     lmdb_root_path
         A ``.lmdb`` file or a folder of them (the toolkit's argument name; ``path`` works too).
-    transforms, target_keys, on_invalid, cache
+    transforms, target_keys, cache
         As for :class:`~matsciml.datasets.StructureDataset`. ``target_keys`` may use the
         toolkit's names (``force`` is ``forces``).
+    on_invalid
+        As for :class:`~matsciml.datasets.StructureDataset`, but ``"drop"`` by default: the
+        toolkit's data hold missing labels (``None``; one OQMD devset band gap), which the
+        toolkit silently read as 0.0. Here such records are left out with a warning naming
+        them; ``"error"`` stops at the first one instead.
     full_pairwise
         Accepted for compatibility and ignored: graphs come from the transforms.
 
@@ -77,7 +82,7 @@ class UpstreamDataset(StructureDataset):
         lmdb_root_path: str | Path | None = None,
         transforms: Sequence[Transform] | None = None,
         target_keys: Sequence[str] | None = None,
-        on_invalid: str = "error",
+        on_invalid: str = "drop",
         cache: bool = True,
         full_pairwise: bool = True,
         path: str | Path | None = None,
