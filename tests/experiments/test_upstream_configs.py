@@ -136,4 +136,4 @@ def test_path_override_on_an_absent_key_gives_one_line(configs, tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0] == lines[-1]  # one line, the last (after the --debug info line)
-    assert "train_path='/data/x.lmdb'" in errors[0] and "Traceback" not in "".join(lines)
+    assert "train_path='/data/x.lmdb'" in errors[0] and "TypeError" not in "".join(lines)
