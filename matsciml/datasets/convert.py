@@ -16,7 +16,8 @@ restricted unpickler, so converting never runs code from the source.
 :func:`~matsciml.datasets.readers.write_lmdb`) or ``.extxyz``: positions, cell and pbc
 as the structure; ``forces`` and ``stress`` as the calculator's results (stress as its
 Voigt 6-vector), with ``energy`` when forces are present (an energy without forces, such
-as OQMD's formation energy per atom, stays in ``info``); other scalar targets in ``info``, other per-atom targets
+as OQMD's formation energy per atom, is written to ``info``, which ASE's reader turns into
+its calculator's energy again); other scalar targets in ``info``, other per-atom targets
 as per-atom arrays. Missing labels are written as NaN. Both are written atomically (a
 temporary file renamed onto ``DST`` when complete). Samples are written without
 transforms, with the coordinates corrected as documented in
