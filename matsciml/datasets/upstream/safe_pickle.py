@@ -371,46 +371,64 @@ def _resolve(module: str, name: str) -> Any:
     return obj
 
 
+class _Refused(Exception):
+    """Raised inside the unpickler; :func:`safe_loads` turns it into a message naming file and key."""
+
+    def __init__(self, module: str, name: str, what: str = "global") -> None:
+        super().__init__(module, name, what)
+        self.module, self.name, self.what = module, name, what
+
+
+def _refusal(where: str, refused: _Refused) -> DataError:
+    module, name = refused.module, refused.name
+    if refused.what == "persistent id":
+        return UnsafeRecordError(f"{where}: the record uses a persistent id ({name!r}); such records are not read")
+    if module == "dgl" or module.startswith("dgl."):
+        return DataError(
+            f"{where}: the record is a DGL graph ({module}.{name}); DGL graphs are not read (DGL is not used here, "
+            "and unpickling them runs DGL code). Use the OCP LMDBs with PyG Data records, which are read, or export "
+            "the structures to extended XYZ with the tool that wrote the file"
+        )
+    return UnsafeRecordError(
+        f"{where}: the record refers to the global {module}.{name}, which the upstream reader does not load "
+        "(unpickling it could run code); nothing was executed. Read only data you trust; if this class is safe, "
+        f"allow it with matsciml.datasets.upstream.allow_global({module!r}, {name!r})"
+    )
+
+
 class SafeUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose ``find_class`` only returns allowlisted globals.
 
-    Set ``file`` and ``key`` on an instance to have them named in error messages (the
-    constructor is ``pickle.Unpickler``'s, kept as is: it is on the hot path).
+    Use it through :func:`safe_loads`, which names the file and key in its errors. The
+    constructor is ``pickle.Unpickler``'s, untouched: it is on the hot path.
     """
-
-    file: Any = "<bytes>"
-    key: Any = "?"
-
-    @property
-    def where(self) -> str:
-        key = self.key.decode("ascii", "replace") if isinstance(self.key, bytes) else self.key
-        return f"{self.file}: key {str(key)!r}"
 
     def find_class(self, module: str, name: str) -> Any:
         obj = _RESOLVED.get((module, name))
-        if obj is not None:
-            return obj
-        obj = _resolve(module, name)
-        if obj is None and (module == "dgl" or module.startswith("dgl.")):
-            raise DataError(
-                f"{self.where}: the record is a DGL graph ({module}.{name}); DGL graphs are not read (DGL is not "
-                "used here, and unpickling them runs DGL code). Use the OCP LMDBs with PyG Data records, which are "
-                "read, or export the structures to extended XYZ with the tool that wrote the file"
-            )
         if obj is None:
-            raise UnsafeRecordError(
-                f"{self.where}: the record refers to the global {module}.{name}, which the upstream reader does not "
-                "load (unpickling it could run code); nothing was executed. Read only data you trust; if this class "
-                f"is safe, allow it with matsciml.datasets.upstream.allow_global({module!r}, {name!r})"
-            )
-        _RESOLVED[(module, name)] = obj
+            obj = _resolve(module, name)
+            if obj is None:
+                raise _Refused(module, name)
+            _RESOLVED[(module, name)] = obj
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeRecordError(f"{self.where}: the record uses a persistent id ({pid!r}); such records are not read")
+        raise _Refused("", repr(pid), "persistent id")
 
 
-def safe_loads(data: bytes | memoryview, file: str | Path = "<bytes>", key: Any = "?") -> Any:
+def _where(file: Any, key: Any) -> str:
+    if isinstance(key, bytes):
+        key = key.decode("ascii", "replace")
+    return f"{file}: key {str(key)!r}"
+
+
+def safe_loads(
+    data: bytes | memoryview,
+    file: str | Path = "<bytes>",
+    key: Any = "?",
+    _unpickler: type = SafeUnpickler,
+    _buffer: type = io.BytesIO,
+) -> Any:
     """Unpickle ``data`` with the allowlist.
 
     Parameters
@@ -426,17 +444,17 @@ def safe_loads(data: bytes | memoryview, file: str | Path = "<bytes>", key: Any 
         The record names a global that is not allowed (the message names the file, the key
         and the global; nothing was executed).
     DataError
-        The bytes are not a readable pickle, or a class it needs is not installed.
+        The bytes are not a readable pickle, the record is a DGL graph, or a class it needs
+        is not installed.
     """
-    unpickler = SafeUnpickler(io.BytesIO(data))
-    unpickler.file = file
-    unpickler.key = key
     try:
-        return unpickler.load()
-    except DataError:
-        raise
+        return _unpickler(_buffer(data)).load()
+    except _Refused as refused:
+        raise _refusal(_where(file, key), refused) from None
+    except DataError as err:
+        raise type(err)(f"{_where(file, key)}: {err}") from None
     except Exception as err:
         raise DataError(
-            f"{unpickler.where}: cannot read the record ({type(err).__name__}: {err}); the file is corrupt or not an "
-            "Open MatSciML Toolkit LMDB"
+            f"{_where(file, key)}: cannot read the record ({type(err).__name__}: {err}); the file is corrupt or not "
+            "an Open MatSciML Toolkit LMDB"
         ) from None
