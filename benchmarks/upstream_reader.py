@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{folder.name:<20s} {len(values):>8d} {'n/a':>13s} {safe:>11.0f}   (plain pickle: {err})")
                 continue
         print(f"{folder.name:<20s} {len(values):>8d} {plain:>13.0f} {safe:>11.0f} {plain / safe:>6.2f}")
-    print(f"(one process, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; ratio = safe time per record "
-          "/ plain pickle time per record: above 1 means the safe reader is slower)")
+    print(
+        f"(one process, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; ratio = safe time per record "
+        "/ plain pickle time per record: above 1 means the safe reader is slower)"
+    )
 
 
 if __name__ == "__main__":

@@ -188,7 +188,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     suffix = dst.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise ConfigError(f"DST {str(dst)!r}: the output must end in .lmdb or .extxyz; {closest(suffix, OUTPUT_FORMATS)}")
+        raise ConfigError(
+            f"DST {str(dst)!r}: the output must end in .lmdb or .extxyz; {closest(suffix, OUTPUT_FORMATS)}"
+        )
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     if not src.exists():

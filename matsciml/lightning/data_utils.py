@@ -13,7 +13,7 @@ from typing import Any
 
 from matsciml.lightning.datamodule import MatSciMLDataModule
 
-__all__ = ["MatSciMLDataModule", "MultiDataModule"]
+__all__ = ["MatSciMLDataModule"]  # MultiDataModule: resolved on access (module __getattr__)
 
 #: Modules that may define ``MultiDataModule``, tried in order.
 _MULTI_MODULES = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -23,8 +24,6 @@ from matsciml.datasets import (
 )
 from matsciml.datasets.readers.formats import detect_format
 from matsciml.datasets.upstream.records import EV_PER_JOULE, carolina_cell, oqmd_positions, symmetric_from_upper
-
-from pathlib import Path
 
 REAL_DATA = Path(__file__).resolve().parents[1] / "data"
 

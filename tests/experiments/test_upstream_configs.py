@@ -72,8 +72,14 @@ def configs(tmp_path_factory) -> Path:
     _write(root / "band_gap.yaml", "model: egnn_dgl\ndataset:\n  oqmd:\n    - task: ScalarRegressionTask\n"
            "      targets: [band_gap]\nseed: 0\n")  # fmt: skip
     tiny = (MODELS / "egnn_dgl.yaml").read_text()
-    for old, new in (("embed_depth: 5", "embed_depth: 1"), ("[128, 128, 128]", "[8]"), ("[64, 64]", "[]"),
-                     ("128", "8"), ("32", "8"), ("cutoff_radius: 6.5", "cutoff_radius: 4.0")):
+    for old, new in (
+        ("embed_depth: 5", "embed_depth: 1"),
+        ("[128, 128, 128]", "[8]"),
+        ("[64, 64]", "[]"),
+        ("128", "8"),
+        ("32", "8"),
+        ("cutoff_radius: 6.5", "cutoff_radius: 4.0"),
+    ):
         tiny = tiny.replace(old, new)
     _write(root / "models" / "tiny_dgl.yaml", tiny)  # the upstream model file, narrowed for speed
     _write(root / "forces.yaml", "model: tiny_dgl\ndataset:\n  lips:\n    - task: ForceRegressionTask\n"
@@ -103,8 +109,15 @@ def test_oqmd_dataset_config_trains_band_gap_with_the_upstream_model(configs, tm
 
 def test_lips_force_task_with_the_toolkit_target_names(configs, tmp_path, capsys):
     result = main(
-        _argv(configs, "forces.yaml", tmp_path / "run", "--debug", "-c", f"dataset.debug.train_path={UP / 'lips'}",
-              models=configs / "models")  # fmt: skip
+        _argv(
+            configs,
+            "forces.yaml",
+            tmp_path / "run",
+            "--debug",
+            "-c",
+            f"dataset.debug.train_path={UP / 'lips'}",
+            models=configs / "models",
+        )  # fmt: skip
     )
     assert result.task.task_keys == ["energy", "forces"]
     assert _logged(result, "val_forces_mae") and _logged(result, "val_energy_mae")
@@ -115,8 +128,16 @@ def test_lips_force_task_with_the_toolkit_target_names(configs, tmp_path, capsys
 
 def test_repeated_c_flags_all_apply(configs, tmp_path):
     args = build_parser().parse_args(
-        _argv(configs, "band_gap.yaml", tmp_path / "x", "-c", "dataset.experiment.batch_size.3",
-              "-c", "model.lr.0.002", "trainer.generic.max_epochs.2")  # fmt: skip
+        _argv(
+            configs,
+            "band_gap.yaml",
+            tmp_path / "x",
+            "-c",
+            "dataset.experiment.batch_size.3",
+            "-c",
+            "model.lr.0.002",
+            "trainer.generic.max_epochs.2",
+        )  # fmt: skip
     )
     assert args.cli_args == ["dataset.experiment.batch_size.3", "model.lr.0.002", "trainer.generic.max_epochs.2"]
     prepared = prepare_experiment(
@@ -137,3 +158,12 @@ def test_path_override_on_an_absent_key_gives_one_line(configs, tmp_path, capsys
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0] == lines[-1]  # one line, the last (after the --debug info line)
     assert "train_path='/data/x.lmdb'" in errors[0] and "TypeError" not in "".join(lines)
+
+
+def test_options_list_the_toolkit_dataset_targets():
+    from matsciml.runner.cli import format_options
+
+    text = format_options(MODELS, REPO / "experiments" / "configs" / "datasets")
+    line = next(row for row in text.splitlines() if row.strip().startswith("OQMDDataset"))
+    assert "band_gap" in line and "stability" in line and "energy" in line
+    assert "force = forces" in text

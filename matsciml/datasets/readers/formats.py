@@ -29,10 +29,7 @@ FORMATS: dict[str, Callable[[Path], Sequence[dict[str, Any]]]] = {
     # Open MatSciML Toolkit LMDBs (pickled records, read with an allowlist): the dataset
     # is detected from the first record, or named ("upstream:OQMDDataset").
     "upstream": UpstreamLMDBReader,
-    **{
-        f"upstream:{name}": (lambda path, _name=name: UpstreamLMDBReader(path, _name))
-        for name in UPSTREAM_FORMATS
-    },
+    **{f"upstream:{name}": (lambda path, _name=name: UpstreamLMDBReader(path, _name)) for name in UPSTREAM_FORMATS},
 }
 
 #: File extension -> format name.

@@ -127,8 +127,8 @@ def _need(record: Mapping, keys: tuple[str, ...], file: Path, key: int, dataset:
     missing = [k for k in keys if k not in record]
     if missing:
         raise DataError(
-            f"{_where(file, key)}: {dataset} record lacks {missing[0]!r} (has {sorted(record)[:12]}); "
-            "the file is not a {dataset} LMDB: pick the dataset class matching the data".replace("{dataset}", dataset)
+            f"{_where(file, key)}: {dataset} record lacks {missing[0]!r} (has {sorted(record)[:12]}); the file is "
+            f"not a {dataset} LMDB: pick the dataset class matching the data"
         )
 
 
@@ -331,7 +331,9 @@ def _nomad(record: dict, file: Path, key: int) -> dict[str, Any]:
     total = (energies.get("total") or {}).get("value")
     targets = {
         "energy_total": _scalar(None if total is None else total * EV_PER_JOULE),
-        "efermi": _scalar(None if not band or band.get("energy_fermi") is None else band["energy_fermi"] * EV_PER_JOULE),
+        "efermi": _scalar(
+            None if not band or band.get("energy_fermi") is None else band["energy_fermi"] * EV_PER_JOULE
+        ),
         "relative_energy": _scalar(record.get("relative_energy")),
         "reference_energy": _scalar(record.get("reference_energy")),
     }

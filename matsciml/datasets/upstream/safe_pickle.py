@@ -6,32 +6,25 @@ module reads them with an **allowlist**: a record may only name the globals belo
 other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) stops the read
 with :class:`UnsafeRecordError` before anything is called.
 
-=========================================== =================================================
-global named by a record                     loaded as
-=========================================== =================================================
-``torch.storage._load_from_bytes``           the nested legacy ``torch.save`` blob of a
-                                             storage, parsed without running code (any other
-                                             blob: ``torch.load(..., weights_only=True)``)
-``torch._utils._rebuild_tensor_v2``          torch's own tensor rebuild (also allowed by
-                                             ``weights_only`` loads)
-``collections.OrderedDict``                  (empty backward-hook dicts of tensors)
-``numpy.dtype``                              ``numpy.dtype``; object dtypes are refused
-``numpy.core.numeric._frombuffer``           ``numpy._core.numeric._frombuffer``
-``numpy.core.multiarray.scalar``             ``numpy._core.multiarray.scalar``
-``numpy.core.multiarray._reconstruct``,      the same in ``numpy._core`` (arrays of older
-``numpy.ndarray``                            pickle protocols)
-``pymatgen.core.structure.Structure``,       the pymatgen classes (pymatgen is imported when
-``...lattice.Lattice``, ``...sites.         a record needs it)
-PeriodicSite`` / ``Site``,
-``...periodic_table.Element`` / ``Species``,
-``...composition.Composition``
-``emmet.core.symmetry.SymmetryData``,        small stand-ins (:class:`SymmetryData`,
-``emmet.core.symmetry.CrystalSystem``        :class:`CrystalSystem`), so emmet is not needed
-``copyreg._reconstructor``,                  generic object rebuilding (protocol 0/1 records);
-``builtins.object``                          the class rebuilt must itself be allowed
-``torch_geometric.data.data.Data`` and its   :class:`GraphRecord` (the fields as a dict; PyG
-storages                                     is not imported)
-=========================================== =================================================
+Globals a record may name, and what they load as:
+
+* ``torch.storage._load_from_bytes``: the nested legacy ``torch.save`` blob of a storage,
+  parsed without running code (any other blob: ``torch.load(..., weights_only=True)``);
+* ``torch._utils._rebuild_tensor_v2``: torch's own tensor rebuild (also allowed by
+  ``weights_only`` loads); ``collections.OrderedDict`` (the tensors' empty hook dicts);
+* ``numpy.dtype`` (object dtypes are refused), ``numpy.ndarray``,
+  ``numpy.core.numeric._frombuffer``, ``numpy.core.multiarray.scalar`` and
+  ``numpy.core.multiarray._reconstruct`` (as their ``numpy._core`` versions);
+* ``pymatgen.core``: ``structure.Structure``/``IStructure``/``Molecule``,
+  ``lattice.Lattice``, ``sites.PeriodicSite``/``Site``,
+  ``periodic_table.Element``/``Species``/``DummySpecies``, ``composition.Composition``
+  (pymatgen is imported when a record needs it);
+* ``emmet.core.symmetry.SymmetryData`` and ``CrystalSystem``: small stand-ins
+  (:class:`SymmetryData`, :class:`CrystalSystem`), so emmet is not needed;
+* ``copyreg._reconstructor`` and ``builtins.object``: generic object rebuilding of
+  protocol 0/1 records (the class rebuilt must itself be allowed);
+* ``torch_geometric.data.data.Data`` and its storages: :class:`GraphRecord` (the fields as
+  a dict; PyG is not imported).
 
 A record naming a ``dgl.*`` class (a DGL graph) is refused with an error that says so.
 
