@@ -105,8 +105,10 @@ class UpstreamLMDBReader:
             if fmt is None:
                 keys = sorted(first)[:12] if isinstance(first, dict) else type(first).__name__
                 raise DataError(
-                    f"{self.path}: the layout of the first record ({keys}) matches no known dataset; name it with "
-                    f"dataset=... (e.g. --dataset OQMDDataset): one of {', '.join(FORMATS)}"
+                    f"{self.path}: neither this package's LMDB (no '__metadata__' key, as write_lmdb writes) nor a "
+                    f"known Open MatSciML Toolkit layout (first record: {keys}). Name the toolkit's dataset class "
+                    f"(dataset: NAME in the config, --dataset NAME for matsciml-convert; one of "
+                    f"{', '.join(FORMATS)}), or write the data with write_lmdb"
                 )
         self.format = fmt
         first_targets = self[0]["targets"]
