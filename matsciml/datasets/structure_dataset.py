@@ -48,9 +48,10 @@ class StructureDataset(Dataset):
     ``Structure`` dicts; an ASE JSON database is recognised too), ``.cif`` (one CIF file),
     a folder of ``*.cif`` files (targets from ``targets.csv`` or ``id_prop.csv``), and
     ``.lmdb`` (this package's LMDB format, see
-    :func:`~matsciml.datasets.readers.write_lmdb`). Files other than LMDB are read whole at
-    construction; LMDB records are read on access, with the environment opened lazily in
-    each process (safe with ``DataLoader`` workers).
+    :func:`~matsciml.datasets.readers.write_lmdb`, or an Open MatSciML Toolkit LMDB file
+    or folder, read with a restricted unpickler: see :mod:`matsciml.datasets.upstream`).
+    Files other than LMDB are read whole at construction; LMDB records are read on access,
+    with the environment opened lazily in each process (safe with ``DataLoader`` workers).
 
     Each item is a sample as laid out in :mod:`matsciml.datasets.schema` (float32 ``pos``
     and ``cell``, int64 ``atomic_numbers``, bool ``pbc``, ``natoms``, ``id``, ``source``,
@@ -92,7 +93,8 @@ class StructureDataset(Dataset):
         pass at construction reads every record and so fills the cache).
     format
         Force a reader (``"extxyz"``, ``"xyz"``, ``"traj"``, ``"db"``, ``"json"``,
-        ``"cif"``, ``"cif_folder"``, ``"lmdb"``) instead of choosing by extension
+        ``"cif"``, ``"cif_folder"``, ``"lmdb"``, ``"upstream"`` or
+        ``"upstream:<toolkit class name>"``) instead of choosing by extension
         (default ``None``).
 
     Raises

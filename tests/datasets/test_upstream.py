@@ -250,3 +250,9 @@ def _write_lmdb(path, records: dict[int, object]):
             txn.put(str(key).encode(), pickle.dumps(record, protocol=5))
     env.close()
     return path
+
+
+def test_dataset_pickles_for_spawned_loader_workers():
+    dataset = LiPSDataset(UP / "lips", target_keys=["energy", "force"])
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(clone[7]["targets"]["forces"], dataset[7]["targets"]["forces"])

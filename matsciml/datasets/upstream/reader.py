@@ -117,6 +117,18 @@ class UpstreamLMDBReader:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with 'spawn' receive the reader pickled: send the
+        # format by name (its functions are module-level, its detector may be a lambda)
+        state = dict(self.__dict__)
+        state["format"] = self.format.name if self.format.name in FORMATS else self.format
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("format"), str):
+            state["format"] = FORMATS[state["format"]]
+        self.__dict__.update(state)
+
     def _locate(self, index: int) -> tuple[int, int]:
         if index < 0:
             index += len(self)
