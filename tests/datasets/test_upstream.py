@@ -256,3 +256,26 @@ def test_dataset_pickles_for_spawned_loader_workers():
     dataset = LiPSDataset(UP / "lips", target_keys=["energy", "force"])
     clone = pickle.loads(pickle.dumps(dataset))
     assert torch.equal(clone[7]["targets"]["forces"], dataset[7]["targets"]["forces"])
+
+
+def test_ocp_records_stored_as_pyg_data(tmp_path):
+    from torch_geometric.data import Data
+
+    from matsciml.datasets import IS2REDataset, S2EFDataset
+
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.2, 0.0]])
+    common = {"pos": pos, "atomic_numbers": torch.tensor([8.0, 1.0, 1.0]), "cell": 6.0 * torch.eye(3)[None],
+              "natoms": 3}  # fmt: skip
+    s2ef = Data(**common, y=torch.tensor(-3.25), force=torch.arange(9.0).reshape(3, 3), sid=torch.tensor([11]))
+    is2re = Data(**common, y_init=torch.tensor(1.5), y_relaxed=torch.tensor(0.5), sid=torch.tensor([12]))
+    (tmp_path / "s2ef").mkdir()
+    (tmp_path / "is2re").mkdir()
+    _write_lmdb(tmp_path / "s2ef" / "data.0000.lmdb", {0: s2ef})
+    _write_lmdb(tmp_path / "is2re" / "data.0000.lmdb", {0: is2re})
+    sample = S2EFDataset(tmp_path / "s2ef")[0]
+    assert sample["id"] == "11" and float(sample["targets"]["energy"]) == -3.25
+    assert torch.equal(sample["targets"]["forces"], s2ef.force) and torch.equal(sample["pos"], pos)
+    assert sample["atomic_numbers"].tolist() == [8, 1, 1] and sample["pbc"].all()
+    sample = StructureDataset(tmp_path / "is2re")[0]  # detected from the layout
+    assert float(sample["targets"]["energy_relaxed"]) == 0.5 and float(sample["targets"]["energy_init"]) == 1.5
+    assert IS2REDataset(tmp_path / "is2re")[0]["id"] == "12"
