@@ -55,3 +55,21 @@ GRAPH = "graph"
 
 #: Target keys holding one row per atom (concatenated, not stacked, when batching).
 PER_ATOM_TARGETS = ("forces",)
+
+#: Other names of targets (the Open MatSciML Toolkit's), accepted wherever target keys are
+#: given (dataset ``target_keys``, task ``task_keys``, experiment ``targets``).
+TARGET_ALIASES = {"force": "forces"}
+
+
+def canonical_target(key: str) -> str:
+    """This package's name of a target key (``"force"`` -> ``"forces"``; other keys unchanged)."""
+    return TARGET_ALIASES.get(key, key)
+
+
+def canonical_targets(keys: list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """:func:`canonical_target` of each key, duplicates dropped, order kept (``None`` stays ``None``)."""
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        keys = [keys]
+    return list(dict.fromkeys(canonical_target(str(k)) for k in keys))

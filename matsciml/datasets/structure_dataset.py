@@ -10,6 +10,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from matsciml.common.errors import ConfigError, DataError, closest
+from matsciml.datasets import schema
 from matsciml.datasets.readers.common import copy_sample
 from matsciml.datasets.readers.formats import open_records
 from matsciml.datasets.readers.lmdb_format import LMDBReader
@@ -47,9 +48,10 @@ class StructureDataset(Dataset):
     ``Structure`` dicts; an ASE JSON database is recognised too), ``.cif`` (one CIF file),
     a folder of ``*.cif`` files (targets from ``targets.csv`` or ``id_prop.csv``), and
     ``.lmdb`` (this package's LMDB format, see
-    :func:`~matsciml.datasets.readers.write_lmdb`). Files other than LMDB are read whole at
-    construction; LMDB records are read on access, with the environment opened lazily in
-    each process (safe with ``DataLoader`` workers).
+    :func:`~matsciml.datasets.readers.write_lmdb`, or an Open MatSciML Toolkit LMDB file
+    or folder, read with a restricted unpickler: see :mod:`matsciml.datasets.upstream`).
+    Files other than LMDB are read whole at construction; LMDB records are read on access,
+    with the environment opened lazily in each process (safe with ``DataLoader`` workers).
 
     Each item is a sample as laid out in :mod:`matsciml.datasets.schema` (float32 ``pos``
     and ``cell``, int64 ``atomic_numbers``, bool ``pbc``, ``natoms``, ``id``, ``source``,
@@ -94,7 +96,8 @@ class StructureDataset(Dataset):
         pass at construction reads every record and so fills the cache).
     format
         Force a reader (``"extxyz"``, ``"xyz"``, ``"traj"``, ``"db"``, ``"json"``,
-        ``"cif"``, ``"cif_folder"``, ``"lmdb"``) instead of choosing by extension
+        ``"cif"``, ``"cif_folder"``, ``"lmdb"``, ``"upstream"`` or
+        ``"upstream:<toolkit class name>"``) instead of choosing by extension
         (default ``None``).
 
     Raises
@@ -123,11 +126,12 @@ class StructureDataset(Dataset):
             target_keys = [target_keys]
         self.path = Path(path)
         self.transforms = _build_transforms(transforms)
-        self.target_keys: list[str] | None = list(target_keys) if target_keys is not None else None
+        # the toolkit's names are accepted (``force`` is ``forces``, see schema.TARGET_ALIASES)
+        self.target_keys: list[str] | None = schema.canonical_targets(target_keys)
         self.on_invalid = on_invalid
         self.cache = cache
         self._records = open_records(self.path, format)
-        self._lazy = isinstance(self._records, LMDBReader)
+        self._lazy = isinstance(self._records, LMDBReader) or bool(getattr(self._records, "lazy", False))
         self._cached: dict[int, dict[str, Any]] = {}
         self._indices: list[int] | None = None
         self.dropped: dict[int, str] = {}

@@ -78,6 +78,7 @@ def check_target_keys(available: Iterable[str], target_keys: Sequence[str] | Non
     DataError
         Names the key and the closest available keys.
     """
+    target_keys = schema.canonical_targets(target_keys)
     have = sorted(set(available))
     for key in target_keys or ():
         if key not in have:
@@ -126,6 +127,7 @@ def invalid_target_records(dataset: Any, target_keys: Sequence[str]) -> dict[int
     target_keys
         The requested targets.
     """
+    target_keys = schema.canonical_targets(target_keys) or []
     out: dict[int, str] = {}
     get = _getter(dataset)
     for index in range(len(dataset)):
@@ -278,6 +280,7 @@ def validate_dataset(
         Names the file, record index and id, the key, and what to do (see the module
         docstring for the list of checks).
     """
+    target_keys = schema.canonical_targets(target_keys)
     n = len(dataset)
     if n == 0:
         raise DataError(f"{getattr(dataset, 'path', '<dataset>')}: the dataset has no records")

@@ -1,4 +1,9 @@
-"""The data modules at their upstream import path (``matsciml.lightning.data_utils``)."""
+"""The Open MatSciML Toolkit's import path of the data modules.
+
+``from matsciml.lightning.data_utils import MatSciMLDataModule`` (the most frequent import
+of the toolkit's examples) gives :class:`matsciml.lightning.MatSciMLDataModule`, and
+``MultiDataModule`` gives :class:`matsciml.lightning.multi_datamodule.MultiDataModule`.
+"""
 
 from __future__ import annotations
 

@@ -38,3 +38,20 @@ __all__ = [
     "CrystalSymmetryClassificationTask",
     "MultiTaskLitModule",
 ]
+
+#: Encoders of the Open MatSciML Toolkit that are not part of this package -> what to use.
+_NOT_HERE = {
+    "M3GNet": "matsciml.models.E3NNEncoder",
+    "TensorNet": "matsciml.models.E3NNEncoder",
+    "MEGNet": "matsciml.models.PLEGNNBackbone",
+    "CHGNet": "matsciml.models.E3NNEncoder",
+}
+
+
+def __getattr__(name: str):
+    if name in _NOT_HERE:
+        raise ImportError(
+            f"matsciml.models.{name} (a DGL encoder of the Open MatSciML Toolkit) is not part of this matsciml; "
+            f"use {_NOT_HERE[name]}"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

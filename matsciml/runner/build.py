@@ -386,6 +386,14 @@ def datamodule_arguments_from(dataset: ConfigFile, run_type: str) -> tuple[dict,
     use_devset = bool(section.pop("devset", False))
     # Upstream templates leave unused paths as '' ("not given").
     section = {k: v for k, v in section.items() if not (isinstance(v, str) and v == "")}
+    for key in ("train_path", "val_split", "test_split"):
+        value = section.get(key)
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise ConfigError(
+                f"{dataset.where(run_type + '.' + key)}: expected a path or a fraction, got a "
+                f"{type(value).__name__} ({value!r}); with -c give it as dataset."
+                f"{run_type}.{key}=/path/to/data"
+            )
     if run_type == "debug" and "train_path" not in section:
         use_devset = True
     if not use_devset and "train_path" not in section:
@@ -410,7 +418,9 @@ def build_datamodule(
     ``persistent_workers``; ``pin_memory``) are chosen from the machine and the trainer
     arguments ``trainer_args`` (:mod:`matsciml.runner.loader_defaults`).
 
-    The run-type section (``debug``/``experiment``) gives the data module's arguments;
+    The run-type section (``debug``/``experiment``) gives the data module's arguments
+    (in debug mode a ``train_path`` without ``val_split`` validates on the training data,
+    as the toolkit's devset mode does, and says so in the log);
     the model config's ``transforms`` become ``dset_kwargs['transforms']``. In debug mode
     the bundled devset is used (``MatSciMLDataModule.from_devset``) unless the section
     gives a ``train_path``; in experiment mode a section with ``devset: true`` does the same.
@@ -427,6 +437,15 @@ def build_datamodule(
     check_keys(dataset.data, DATASET_KEYS, dataset.where())
     cls = _dataset_class(dataset)
     kwargs, _, use_devset = datamodule_arguments_from(dataset, run_type)
+    if run_type == "debug" and not use_devset and "val_split" not in kwargs:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        # as the toolkit's devset mode: the debug data serve for training and validation
+        kwargs["val_split"] = kwargs["train_path"]
+        rank_zero_info(
+            f"--debug: no val_split in {dataset.where(run_type)}; validating on the training data "
+            f"({kwargs['train_path']}), as the Open MatSciML Toolkit's devset mode does"
+        )
     valid = [n for n in datamodule_arguments() if n not in ("dataset", "target_keys")]
     if use_devset:
         valid = [n for n in valid if n != "train_path"]

@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--cli_args",
         nargs="+",
+        action="extend",
         default=None,
         metavar="CONFIG.KEY.VALUE",
-        help="override single values, e.g. dataset.debug.batch_size.16 trainer.generic.max_epochs.3 model.lr.0.001",
+        help="override single values, e.g. dataset.debug.batch_size.16 trainer.generic.max_epochs.3 model.lr.0.001 "
+        "(-c may be given several times; every override applies, in order)",
     )
     parser.add_argument(
         "-o",
@@ -118,6 +120,13 @@ def format_options(model_path: Path | None = None, dataset_path: Path | None = N
     ]
     lines += ["", "Encoders:", "  " + ", ".join(names("encoder"))]
     lines += ["", "Dataset classes:", "  " + ", ".join(names("dataset"))]
+    from matsciml.datasets.schema import TARGET_ALIASES
+    from matsciml.datasets.upstream.records import FORMATS as UPSTREAM
+
+    lines += ["", "Open MatSciML Toolkit dataset classes (LMDB folders) and their targets:"]
+    lines += [f"  {name:<24s} {', '.join(fmt.targets)}" for name, fmt in UPSTREAM.items()]
+    lines += ["  (the toolkit's target names work too: " + ", ".join(f"{a} = {b}" for a, b in TARGET_ALIASES.items())
+              + "; OQMDDataset energy = delta_e, the formation energy per atom)"]  # fmt: skip
     return "\n".join(lines)
 
 

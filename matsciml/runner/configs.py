@@ -321,12 +321,18 @@ def _is_number(text: str) -> bool:
 def _split_override(parts: list[str], data: dict) -> tuple[list[str], str]:
     """Split ``parts`` (after the config name) into a key path and a value string.
 
-    The key path follows existing keys as far as they go; where it leaves the existing
-    config, the last word is the value, except that two trailing words forming a number
-    (``lr.0.001``) make one value.
+    A word holding ``/`` or ``\\``, or an empty word (from ``./``, ``../``), starts the value
+    (a file path), whether or not the keys before it exist. Otherwise the key path follows
+    existing keys as far as they go; where it leaves the existing config, the last word is
+    the value, except that two trailing words forming a number (``lr.0.001``) make one value.
     """
     node: Any = data
     i = 0
+    # A word holding a path separator, or an empty word (from './' or '../'), starts a
+    # value: key names never hold them ('train_path./data/x.lmdb' on an absent key).
+    for j, word in enumerate(parts[1:], start=1):
+        if word == "" or "/" in word or "\\" in word:
+            return parts[:j], ".".join(parts[j:])
     while i < len(parts) - 1 and isinstance(node, dict) and parts[i] in node:
         node = node[parts[i]]
         i += 1

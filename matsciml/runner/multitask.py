@@ -44,8 +44,11 @@ def check_targets_listed(task: TaskSpec, dataset: ConfigFile) -> None:
         listed = [listed]
     if not isinstance(listed, list):
         raise ConfigError(f"{dataset.where('target_keys')}: expected a list of target names")
+    from matsciml.datasets.schema import canonical_target
+
+    canonical = {canonical_target(str(t)) for t in listed}
     for target in task.targets:
-        if target not in listed:
+        if target not in listed and canonical_target(str(target)) not in canonical:
             raise ConfigError(
                 f"{task.targets_where}: target {target!r} is not in target_keys of {dataset.path} "
                 f"({', '.join(map(str, listed))}); {closest(target, [str(t) for t in listed])}"

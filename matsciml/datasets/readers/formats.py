@@ -11,6 +11,8 @@ from matsciml.datasets.readers.ase_formats import read_ase_db, read_traj, read_x
 from matsciml.datasets.readers.cif_folder import read_cif_file, read_cif_folder
 from matsciml.datasets.readers.lmdb_format import LMDBReader
 from matsciml.datasets.readers.pymatgen_json import read_pymatgen_json
+from matsciml.datasets.upstream.reader import UpstreamLMDBReader, is_upstream_lmdb
+from matsciml.datasets.upstream.records import FORMATS as UPSTREAM_FORMATS
 
 __all__ = ["FORMATS", "EXTENSIONS", "detect_format", "open_records"]
 
@@ -24,6 +26,10 @@ FORMATS: dict[str, Callable[[Path], Sequence[dict[str, Any]]]] = {
     "cif": read_cif_file,
     "cif_folder": read_cif_folder,
     "lmdb": LMDBReader,
+    # Open MatSciML Toolkit LMDBs (pickled records, read with an allowlist): the dataset
+    # is detected from the first record, or named ("upstream:OQMDDataset").
+    "upstream": UpstreamLMDBReader,
+    **{f"upstream:{name}": (lambda path, _name=name: UpstreamLMDBReader(path, _name)) for name in UPSTREAM_FORMATS},
 }
 
 #: File extension -> format name.
@@ -39,7 +45,7 @@ EXTENSIONS = {
 
 _SUPPORTED = (
     "files ending in " + ", ".join(EXTENSIONS) + "; a folder ending in .lmdb (or holding data.mdb or *.lmdb "
-    "files); a folder of *.cif files"
+    "files, this package's or the Open MatSciML Toolkit's); a folder of *.cif files"
 )
 
 
@@ -57,11 +63,13 @@ def detect_format(path: str | Path) -> str:
         raise DataError(f"{path}: no such file or directory; check the path (supported: {_SUPPORTED})")
     if path.is_dir():
         if path.suffix == ".lmdb" or (path / "data.mdb").is_file() or any(path.glob("*.lmdb")):
-            return "lmdb"
+            return "upstream" if is_upstream_lmdb(path) else "lmdb"
         if any(p.suffix.lower() == ".cif" for p in path.iterdir()):
             return "cif_folder"
         raise DataError(f"{path}: folder with no *.cif or LMDB files; supported: {_SUPPORTED}")
     fmt = EXTENSIONS.get(path.suffix.lower())
+    if fmt == "lmdb" and is_upstream_lmdb(path):
+        return "upstream"
     if fmt is None:
         raise DataError(
             f"{path}: unknown extension {path.suffix!r}; supported: {_SUPPORTED}. "

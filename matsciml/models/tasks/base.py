@@ -27,6 +27,7 @@ from torch import nn
 from matsciml.common.config import check_init_args, instantiate, is_spec, resolve_class
 from matsciml.common.errors import ConfigError, DataError, closest
 from matsciml.common.graph import get_graph, graph_index, num_graphs
+from matsciml.datasets.schema import canonical_targets
 from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
@@ -298,7 +299,7 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
             task_keys = list(self.default_task_keys)
         if isinstance(task_keys, str):
             task_keys = [task_keys]
-        keys = list(dict.fromkeys(str(k) for k in task_keys))
+        keys = canonical_targets([str(k) for k in task_keys]) or []
         if not keys:
             raise ConfigError(f"{name}: task_keys is empty; give at least one target key")
         if self.allowed_task_keys is not None:
