@@ -210,8 +210,10 @@ def test_toolkit_import_paths():
     assert MatSciMLDataModule is Ours
     assert lookup("dataset", "OQMDDataset") is Oqmd and lookup("dataset", "LiPSDataset") is Lips
     assert lookup("dataset", "CarolinaDataset") is CMDataset
-    with pytest.raises(ImportError, match="MatSciMLDataModule"):
-        from matsciml.lightning.data_utils import MultiDataModule  # noqa: F401
+    from matsciml.lightning.data_utils import MultiDataModule
+    from matsciml.lightning.multi_datamodule import MultiDataModule as OurMulti
+
+    assert MultiDataModule is OurMulti
     with pytest.raises(ImportError, match="PLEGNNBackbone"):
         from matsciml.models.pyg import EGNN  # noqa: F401
 
