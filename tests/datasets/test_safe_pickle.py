@@ -142,6 +142,9 @@ def test_nested_storage_blobs_equal_torch_load_weights_only():
     safe_pickle._ALLOWED[key] = capture
     safe_pickle._RESOLVED.clear()
     try:
+        from matsciml.datasets.readers.lmdb_format import close_env
+
+        close_env(UP / "colabfit" / "data.lmdb")  # an earlier test's reader may hold it open in this process
         env = lmdb.open(str(UP / "colabfit" / "data.lmdb"), subdir=False, readonly=True, lock=False)
         with env.begin() as txn:
             for _, value in txn.cursor():
