@@ -38,13 +38,13 @@ from matsciml.lightning.callbacks.gradients import (
     TrainingFaultError,
 )
 from matsciml.lightning.callbacks.helper import TrainingHelperCallback
-from matsciml.lightning.callbacks.isolation import CallbackError, IsolatedCallback, isolate
+from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks.loss_scaling import LossScalingScheduler
 from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
-from matsciml.lightning.callbacks.periodic import PeriodicCallback
+from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN

@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._checkpoint_io import save_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.checkpoint_io import save_checkpoint_atomic
 from matsciml.lightning.callbacks.data_iterator import _all_gather_objects, run_inference
-from matsciml.lightning.callbacks.metric_check import MetricConsumer, check_metrics_logged, infer_mode, metric_value
-from matsciml.lightning.callbacks.reporting import log_scalars
+from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, check_metrics_logged, infer_mode, metric_value
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks.stopping import _fitting, improves
 
 __all__ = ["BestCheckpoint", "BestMetricTracker", "batch_metric_sums"]

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
-from matsciml.lightning.callbacks.periodic import IntervalType, PeriodicCallback, infer_batch_size
+from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, infer_batch_size
 
 __all__ = [
     "PeriodicDataIteratorCallback",
@@ -377,7 +377,7 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
     tensor per structure. The default :meth:`process_results` stores the results in
     :attr:`results`; subclasses override it (write a file, log a metric).
 
-    Hooks it acts in: those of :class:`~matsciml.lightning.callbacks.periodic.PeriodicCallback`.
+    Hooks it acts in: those of :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`.
 
     Example::
 
@@ -405,7 +405,7 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
     use_ema
         Use the EMA weights when the EMA callback is on (default ``True``).
     name, on_error, error_checkpoint
-        See :class:`~matsciml.lightning.callbacks.periodic.PeriodicCallback`.
+        See :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`.
 
     Raises
     ------

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._ema_math import check_warmup, copy_, effective_decay, ema_update_, is_averaged
+from matsciml.lightning.callbacks._utils.ema_math import check_warmup, copy_, effective_decay, ema_update_, is_averaged
 
 __all__ = ["ExponentialMovingAverageCallback"]
 

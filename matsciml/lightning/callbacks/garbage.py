@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
+from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 
 __all__ = ["GarbageCallback"]
 

@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = [
     "GradientCheckCallback",
@@ -141,7 +141,7 @@ class GradientCheckCallback(Callback):
     skipped: every gradient is set to ``None`` (:func:`skip_optimizer_step`), so the
     optimizer leaves the weights **bitwise unchanged**, weight decay and momentum
     included. The skip is counted, logged as the scalar ``skipped_steps`` to every logger,
-    and reported in a :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`
+    and reported in a :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`
     naming the step, the norm and the structure ids of the batch (``batch["ids"]``, every
     micro-batch of the step under gradient accumulation). Each skip is also kept in
     :attr:`skipped`. ``trainer.global_step`` and learning-rate schedulers still advance.

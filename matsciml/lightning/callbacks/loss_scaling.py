@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.reporting import log_scalars
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.loss_scaling import BaseScalingSchedule
 
 __all__ = ["LossScalingScheduler"]

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks.gradients import batch_ids
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["LossSpikeDetection", "is_spike"]
 
@@ -47,7 +47,7 @@ class LossSpikeDetection(Callback):
     loss whose distance to their median exceeds ``k`` times their median absolute
     deviation (MAD; floored at ``1e-3 * |median|``) is a spike, once ``min_history``
     losses are known. A spike gives a
-    :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning` that names the
+    :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning` that names the
     optimizer step, the batch index, the loss, the median and MAD, and the structure ids
     of the batch (``batch["ids"]``); the running count is logged as the scalar
     ``loss_spikes`` and each spike kept in :attr:`spikes`. Non-finite losses are left to

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
-from matsciml.lightning.callbacks.reporting import log_scalars
+from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 
 __all__ = ["PeakMemoryCallback", "rss_bytes", "peak_rss_bytes", "memory_snapshot"]
 
@@ -93,7 +93,7 @@ class PeakMemoryCallback(Callback):
     """Log the process's resident memory and the peak CUDA memory every few steps.
 
     Every ``every_n_steps`` optimizer steps it logs, to every logger
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`), in MiB (2**20 bytes;
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`), in MiB (2**20 bytes;
     the names keep the customary ``mb``):
 
     =============================== =======================================================

@@ -44,7 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.callbacks.train_end import TrainEndCallback, TrainEndContext
 
 __all__ = [

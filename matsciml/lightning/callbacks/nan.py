@@ -21,7 +21,7 @@ from typing_extensions import override
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks.gradients import TrainingFaultError, batch_ids, skip_optimizer_step
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars, run_folder
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars, run_folder
 from matsciml.models.tasks.protocol import is_task
 
 __all__ = ["ForwardNaNDetection", "write_batch_dump", "locate_nonfinite"]
@@ -248,7 +248,7 @@ class ForwardNaNDetection(Callback):
        that produced it (``OnExceptionCheckpoint`` can save them);
        ``action="skip"``: skips the optimizer step (every gradient set to ``None``: the
        weights stay bitwise unchanged, weight decay and momentum included), warns with a
-       :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`, counts it
+       :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`, counts it
        (scalar ``nonfinite_batches``) and goes on. Layers with running statistics (batch
        norm) have seen the bad batch in both cases.
 

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
+from matsciml.lightning.callbacks._utils.reporting import run_folder
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
 
@@ -39,7 +39,7 @@ class _MetricTap(Logger):
     """A logger that hands every scalar it receives to the report (it writes nothing).
 
     Monitors send their scalars straight to the loggers
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`), outside
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`), outside
     ``trainer.callback_metrics``; listening as one more logger sees them whatever the
     other loggers are.
     """
@@ -136,7 +136,7 @@ class TrainingDynamicsReport(Callback):
       so a run that fails still leaves its figure;
     * ``state_dict`` / ``load_state_dict``: the recorded series.
 
-    The run folder is :func:`~matsciml.lightning.callbacks.reporting.run_folder`: the
+    The run folder is :func:`~matsciml.lightning.callbacks._utils.reporting.run_folder`: the
     first logger's ``log_dir``, else ``trainer.default_root_dir``.
 
     Parameters

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._sam_math import (
+from matsciml.lightning.callbacks._utils.sam_math import (
     DEFAULT_EPS,
     WeightBackup,
     all_finite,

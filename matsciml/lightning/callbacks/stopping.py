@@ -30,9 +30,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks._checkpoint_io import checkpoint_dir, save_checkpoint_atomic
-from matsciml.lightning.callbacks.metric_check import MetricConsumer, infer_mode, metric_value
-from matsciml.lightning.callbacks.periodic import IntervalType, PeriodicCallback, check_period
+from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, infer_mode, metric_value
+from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, check_period
 
 __all__ = [
     "MetricEarlyStopping",
@@ -235,7 +235,7 @@ def _stop(trainer: pl.Trainer, owner: Any, reason: str, save: bool) -> None:
 class FixedBudgetStopping(PeriodicCallback):
     """Stop after a fixed number of epochs, optimizer updates or training samples.
 
-    The count is that of :class:`~matsciml.lightning.callbacks.periodic.PeriodicCallback`
+    The count is that of :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`
     (samples on all ranks together, epochs counted by the callback, updates =
     ``trainer.global_step``): the run stops after the batch (or epoch) at which the count
     reaches the budget, and ``<run>/checkpoints/stop-step<k>.ckpt`` is written. A run
@@ -257,7 +257,7 @@ class FixedBudgetStopping(PeriodicCallback):
     save_checkpoint
         Write the stop checkpoint (default ``True``).
     on_error
-        See :class:`~matsciml.lightning.callbacks.isolation.IsolatedCallback`.
+        See :class:`~matsciml.lightning.callbacks._base.isolation.IsolatedCallback`.
 
     Raises
     ------

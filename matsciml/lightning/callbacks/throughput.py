@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from matsciml.common import graph as graph_ops
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["ThroughputCallback", "batch_counts"]
 
@@ -83,7 +83,7 @@ class ThroughputCallback(Callback):
     Every training batch is timed with :func:`time.perf_counter` at four points and
     counted from tensor shapes (:func:`batch_counts`); every ``every_n_steps`` optimizer
     steps the window since the last record is summarised and logged to every logger
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`):
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`):
 
     ============================== =========================================================
     ``throughput/graphs_per_s``    structures per second over the window, all ranks

@@ -57,7 +57,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning.callbacks._utils.reporting import run_folder
 
 __all__ = [
     "CHECKPOINT_PREFERENCES",
@@ -217,7 +217,7 @@ class TrainEndContext:
     Attributes
     ----------
     run_dir
-        The run folder (:func:`~matsciml.lightning.callbacks.reporting.run_folder`).
+        The run folder (:func:`~matsciml.lightning.callbacks._utils.reporting.run_folder`).
     checkpoints
         :func:`checkpoint_records` at the start of the pipeline (before testing, which
         reloads the checkpoint callbacks' state).

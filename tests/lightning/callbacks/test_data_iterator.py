@@ -140,7 +140,7 @@ def test_bad_process_data_is_reported_with_the_callback_name(tmp_path):
         def process_data(self, batch, predictions):
             return torch.zeros(1)
 
-    from matsciml.lightning.callbacks.isolation import CallbackError
+    from matsciml.lightning.callbacks._base.isolation import CallbackError
 
     trainer = make_trainer(tmp_path, [Bad("test", every_n_updates=1, batch_size=2)], max_steps=2)
     with pytest.raises(CallbackError, match=r"Bad\.on_train_batch_end .*first dimension 2"):

@@ -25,7 +25,7 @@ from matsciml.lightning.callbacks.helper import (
     embedding_statistics,
     fractional_coordinate_structures,
 )
-from matsciml.lightning.callbacks.reporting import TrainingDynamicsWarning
+from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 from matsciml.models.tasks import ScalarRegressionTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.isolation import (
+from matsciml.lightning.callbacks._base.isolation import (
     CallbackError,
     CallbackFailureWarning,
     IsolatedCallback,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.metric_check import infer_mode
+from matsciml.lightning.callbacks._utils.metrics import infer_mode
 from matsciml.lightning.callbacks.stopping import (
     FixedBudgetStopping,
     MetricEarlyStopping,

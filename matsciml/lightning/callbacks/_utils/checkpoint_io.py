@@ -8,14 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.checkpointing import TEMPORARY_PREFIX, atomic_torch_save
 
 __all__ = ["checkpoint_dir", "save_checkpoint_atomic", "save_local_checkpoint_atomic"]
 
 
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
-    """``<run folder>/checkpoints`` (see :func:`~matsciml.lightning.callbacks.reporting.run_folder`)."""
+    """``<run folder>/checkpoints`` (see :func:`~matsciml.lightning.callbacks._utils.reporting.run_folder`)."""
     return run_folder(trainer) / "checkpoints"
 
 
