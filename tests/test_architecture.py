@@ -133,7 +133,7 @@ def test_relative_and_function_level_imports_are_seen(tmp_path):
     tree = ast.parse(src)
     node = tree.body[0].body[0]
     assert _resolve(node.module, node.level, "matsciml.lightning.callbacks.x", False) == (
-        "matsciml.lightning.callbacks._base.periodic"
+        "matsciml.lightning.callbacks.periodic"
     )
 
 

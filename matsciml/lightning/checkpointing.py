@@ -25,8 +25,10 @@ Example (what the runner does)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,9 @@ from typing_extensions import override
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointInfo",
+    "atomic_path",
     "atomic_torch_save",
+    "atomic_write_text",
     "checkpoint_candidates",
     "find_resume_checkpoint",
     "is_temporary_file",
@@ -94,22 +98,55 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> 
     OSError
         Writing or renaming failed (the temporary file is removed).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-    try:
+    with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            if fsync:
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces ``path`` when the ``with`` block succeeds.
+
+    The one atomic-write pattern of the package: write the temporary file inside the block,
+    and ``path`` is at every moment absent, old or complete. On an error the temporary file
+    is removed and ``path`` is untouched.
+
+    Parameters
+    ----------
+    path
+        The final file (its folder is created).
+    suffix
+        Ending of the temporary name (writers that infer the format from it, e.g. ``".png"``).
+    fsync
+        Flush the file and the folder to disk (checkpoints; a crash right after the rename
+        then still finds the complete file).
+
+    Example::
+
+        with atomic_path(folder / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{suffix}"
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     if fsync:
         _fsync_folder(path.parent)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

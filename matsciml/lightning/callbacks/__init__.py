@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import sys
 
+from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
+from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
@@ -38,13 +40,11 @@ from matsciml.lightning.callbacks.gradients import (
     TrainingFaultError,
 )
 from matsciml.lightning.callbacks.helper import TrainingHelperCallback
-from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks.loss_scaling import LossScalingScheduler
 from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
-from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import batch_ids, tensor_norms
+from matsciml.lightning.callbacks._utils.grads import batch_ids, tensor_norms
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_histogram, log_scalars
 from matsciml.models.tasks.protocol import is_task
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import batch_ids
+from matsciml.lightning.callbacks._utils.grads import batch_ids
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["LossSpikeDetection", "is_spike"]

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 from matsciml.lightning.callbacks._utils.reporting import log_scalars
+from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 
 __all__ = ["PeakMemoryCallback", "rss_bytes", "peak_rss_bytes", "memory_snapshot"]
 

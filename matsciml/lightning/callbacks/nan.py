@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import TrainingFaultError, batch_ids, skip_optimizer_step
+from matsciml.lightning.callbacks._utils.grads import TrainingFaultError, batch_ids, skip_optimizer_step
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars, run_folder
 from matsciml.models.tasks.protocol import is_task
 

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 from matsciml.lightning.callbacks._utils.reporting import run_folder
+from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch, log_every_n_steps
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
 
@@ -236,7 +236,7 @@ class TrainingDynamicsReport(Callback):
         if not self._steps.advanced(trainer):
             return  # accumulating gradients: no optimizer step since the last call
         step = trainer.global_step
-        every = self.every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
+        every = log_every_n_steps(trainer, self.every_n_steps)
         if step % every != 0 and step != 1:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

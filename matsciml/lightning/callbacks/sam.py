@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.grads import grad_scaler, optimizer_parameters, skip_optimizer_step
 from matsciml.lightning.callbacks._utils.sam_math import (
     DEFAULT_EPS,
     WeightBackup,
@@ -26,6 +27,7 @@ from matsciml.lightning.callbacks._utils.sam_math import (
     global_norm,
     perturb_,
 )
+from matsciml.models.tasks.protocol import loss_of
 
 __all__ = ["SAM"]
 
@@ -56,13 +58,12 @@ def _silenced_logging(module: pl.LightningModule) -> Iterator[None]:
 
 def _loss_of(output: Any, where: str) -> Tensor | None:
     """The loss tensor of a ``training_step`` / ``compute_losses`` output (Tensor, mapping with "loss", None)."""
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) and "loss" in output:
-        return output["loss"]
-    raise ConfigError(
-        f"SAM: {where} returned {type(output).__name__}; it must return a loss tensor or a mapping with a 'loss' key"
-    )
+    loss = loss_of(output)
+    if loss is None and output is not None:
+        raise ConfigError(
+            f"SAM: {where} returned {type(output).__name__}; it must return a loss tensor or a mapping with a 'loss' key"
+        )
+    return loss
 
 
 class SAM(Callback):
@@ -228,7 +229,7 @@ class SAM(Callback):
             )
         if getattr(strategy, "handles_gradient_accumulation", False):
             raise ConfigError(f"SAM: strategy {type(strategy).__name__} accumulates gradients itself; not supported")
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(trainer)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             raise ConfigError(
                 f"SAM with precision='16-mixed' needs an optimizer that Lightning unscales before the step; "
@@ -277,7 +278,7 @@ class SAM(Callback):
         window, self._window = self._window, []
         if not window or not self._is_sam_step(trainer):
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in optimizer_parameters(optimizer) if p.grad is not None]
         if not params:
             return
         grads = [p.grad for p in params]
@@ -321,7 +322,7 @@ class SAM(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, window: list[tuple[Any, int]], optimizer: Optimizer
     ) -> Tensor | None:
         """Loss and gradient at the perturbed weights over the window; returns the gradient norm (None: no loss)."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(trainer)
         accumulate = trainer.accumulate_grad_batches
         wrapper = trainer.strategy.model
         for i, (batch, batch_idx) in enumerate(window):
@@ -337,7 +338,7 @@ class SAM(Callback):
                     loss = scaler.scale(loss)
                 pl_module.backward(loss)
         # every gradient of the optimizer's parameters is now from this pass (the others were None before it)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in optimizer_parameters(optimizer) if p.grad is not None]
         if scaler is not None and grads:
             # Lightning unscaled the first gradients before this hook (the scaler's stage is UNSCALED, so
             # scaler.step will not unscale again): unscale the second ones here with the same scale.
@@ -364,13 +365,9 @@ class SAM(Callback):
     def _skip_step(self, trainer: pl.Trainer, optimizer: Optimizer, why: str) -> None:
         """Make the coming optimizer step a no-op: no gradients, and the GradScaler told to skip and back off."""
         self.skipped_steps += 1
-        devices = set()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    devices.add(p.grad.device)
-                p.grad = None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        devices = {p.grad.device for p in optimizer_parameters(optimizer) if p.grad is not None}
+        skip_optimizer_step(optimizer)
+        scaler = grad_scaler(trainer)
         states = getattr(scaler, "_per_optimizer_states", None)
         if scaler is not None and states is not None:
             found = states[id(optimizer)].setdefault("found_inf_per_device", {})

@@ -23,16 +23,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
-from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, infer_mode, metric_value
 from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, check_period
+from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, improves, infer_mode, is_fitting, metric_value
+from matsciml.models.tasks.protocol import loss_of
 
 __all__ = [
     "MetricEarlyStopping",
@@ -51,25 +50,6 @@ class NonFiniteError(MatSciMLError, FloatingPointError):
 def stop_checkpoint_path(trainer: pl.Trainer) -> Any:
     """``<run>/checkpoints/stop-step<global_step>.ckpt``."""
     return checkpoint_dir(trainer) / f"stop-step{trainer.global_step}.ckpt"
-
-
-def _fitting(trainer: pl.Trainer) -> bool:
-    return getattr(trainer.state, "fn", None) == TrainerFn.FITTING and not trainer.sanity_checking
-
-
-def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0, min_delta_mode: str = "abs") -> bool:
-    """Whether ``value`` improves on ``best`` by more than the threshold.
-
-    ``delta = min_delta`` (``"abs"``) or ``min_delta * |best|`` (``"rel"``); for ``"min"``
-    an improvement is ``value < best - delta``, for ``"max"`` ``value > best + delta``. A
-    non-finite ``value`` never improves; anything finite improves on ``best=None``.
-    """
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    delta = min_delta if min_delta_mode == "abs" else min_delta * abs(best)
-    return value < best - delta if mode == "min" else value > best + delta
 
 
 class MetricEarlyStopping(MetricConsumer, Callback):
@@ -188,7 +168,7 @@ class MetricEarlyStopping(MetricConsumer, Callback):
         self.stopped_step = state_dict.get("stopped_step")
 
     def _check(self, trainer: pl.Trainer, where: str) -> None:
-        if not _fitting(trainer):
+        if not is_fitting(trainer):
             return
         self.check_consumed_metrics(trainer, where)
         value = metric_value(trainer.callback_metrics, self.monitor)
@@ -328,14 +308,6 @@ class FixedBudgetStopping(PeriodicCallback):
         _stop(trainer, self, reason, self.save_checkpoint)
 
 
-def _loss_of(outputs: Any) -> torch.Tensor | None:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
-        return outputs["loss"]
-    return None
-
-
 class TerminateOnNaN(MetricConsumer, Callback):
     """Stop, with an error checkpoint and a message, when the loss or a monitored metric is NaN or infinite.
 
@@ -437,7 +409,7 @@ class TerminateOnNaN(MetricConsumer, Callback):
     ) -> None:
         if not self.check_loss or self.stopped_step is not None:
             return
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         value = float(loss.detach().float().cpu()) if loss is not None and loss.numel() == 1 else None
         bad = value is not None and not math.isfinite(value)
         if self._decide(trainer, bad):
@@ -456,13 +428,13 @@ class TerminateOnNaN(MetricConsumer, Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor or not _fitting(trainer) or self.stopped_step is not None:
+        if not self.monitor or not is_fitting(trainer) or self.stopped_step is not None:
             return
         self.check_consumed_metrics(trainer)
         self._check_metrics(trainer, self.monitor)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor or not _fitting(trainer) or self.stopped_step is not None:
+        if not self.monitor or not is_fitting(trainer) or self.stopped_step is not None:
             return
         self._check_metrics(trainer, [n for n in self.monitor if n in trainer.callback_metrics])

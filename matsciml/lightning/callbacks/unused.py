@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import tensor_norms
+from matsciml.lightning.callbacks._utils.grads import tensor_norms
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["UnusedParametersCallback"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks import _ema_math
+from matsciml.lightning.callbacks._utils import ema_math as _ema_math
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 HERE = Path(__file__).resolve().parent

@@ -9,8 +9,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.events import event_receivers, fire_event
 from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
+from matsciml.lightning.callbacks.events import event_receivers, fire_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402

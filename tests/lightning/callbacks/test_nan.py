@@ -19,9 +19,9 @@ import torch
 from ase.io import read
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 from matsciml.lightning.callbacks.gradients import TrainingFaultError
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection, locate_nonfinite, write_batch_dump
-from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

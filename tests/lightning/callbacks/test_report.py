@@ -14,9 +14,9 @@ from PIL import Image
 from torch import nn
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.report import PANEL_TITLES, TrainingDynamicsReport
-from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
 
 pytestmark = [

@@ -25,7 +25,7 @@ from torch import nn
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
 from matsciml.common.graph import edge_index, edge_vectors, get_graph, graph_index, num_graphs
-from matsciml.lightning.callbacks import _sam_math
+from matsciml.lightning.callbacks._utils import sam_math as _sam_math
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.models.embeddings import Embeddings
 
