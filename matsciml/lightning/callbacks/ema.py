@@ -20,6 +20,7 @@ from matsciml.lightning.callbacks._utils.ema_store import (
     broadcast_from_rank_zero,
     lazy_names,
     owner_modules,
+    read_torch_ema_state,
 )
 
 __all__ = ["ExponentialMovingAverageCallback"]
@@ -246,21 +247,12 @@ class ExponentialMovingAverageCallback(Callback):
             ``fit`` start, the number or shapes of the shadow parameters do not match
             the parameters of ``submodule``.
         """
-        missing = [k for k in ("decay", "num_updates", "shadow_params") if k not in state]
-        if missing:
-            raise ConfigError(
-                f"torch-ema state lacks {missing}: expected the dict returned by "
-                f"ExponentialMovingAverage.state_dict() (keys decay, num_updates, shadow_params, collected_params)"
-            )
-        shadow = state["shadow_params"]
-        if not isinstance(shadow, list | tuple) or not all(isinstance(t, Tensor) for t in shadow):
-            raise ConfigError("torch-ema state: 'shadow_params' must be a list of tensors")
-        num_updates = state["num_updates"]
+        shadow, num_updates = read_torch_ema_state(state)
         kwargs.setdefault("decay", float(state["decay"]))
         kwargs.setdefault("warmup", "torch_ema" if num_updates is not None else "none")
         callback = cls(**kwargs)
         callback._torch_ema = (
-            {"shadow_params": list(shadow), "num_updates": int(num_updates or 0)},
+            {"shadow_params": shadow, "num_updates": int(num_updates or 0)},
             str(submodule),
         )
         return callback
@@ -333,8 +325,7 @@ class ExponentialMovingAverageCallback(Callback):
         assert state is not None
         self.store.restore(pl_module, state["raw"], saved)
         self.store.set_holding(Holding.RAW, where)
-        self._ema_in_for = None
-        self._deferred = False
+        self._ema_in_for, self._deferred = None, False
         self._num_updates = int(state["num_updates"])
         self._last_step = int(state["last_step"]) if state.get("last_step") is not None else None
         self._info(f"restored from checkpoint at {where}: {len(self.store.names)} tensors, {self._num_updates} updates")
@@ -408,8 +399,7 @@ class ExponentialMovingAverageCallback(Callback):
             else:
                 rank_zero_warn("EMA: the module still held the EMA weights at fit start; restoring the raw weights")
                 self._swap_out("fit start")
-        self._ema_in_for = None
-        self._deferred = False
+        self._ema_in_for, self._deferred = None, False
         if self._pending is not None:
             self._apply_pending(pl_module, "fit start")
             return

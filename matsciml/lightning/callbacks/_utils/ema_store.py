@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,15 @@ from torch import Tensor, nn
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.ema_math import copy_, ema_update_, is_averaged
 
-__all__ = ["EMAWeights", "Holding", "collect_tensors", "lazy_names", "owner_modules", "broadcast_from_rank_zero"]
+__all__ = [
+    "EMAWeights",
+    "Holding",
+    "collect_tensors",
+    "lazy_names",
+    "owner_modules",
+    "broadcast_from_rank_zero",
+    "read_torch_ema_state",
+]
 
 
 class Holding(str, enum.Enum):
@@ -90,6 +99,26 @@ def broadcast_from_rank_zero(tensors: list[Tensor]) -> None:
                 tensor.copy_(on_device)
             else:
                 dist.broadcast(tensor, src=0)
+
+
+def read_torch_ema_state(state: Mapping[str, Any]) -> tuple[list[Tensor], int | None]:
+    """``(shadow_params, num_updates)`` of a ``torch_ema.ExponentialMovingAverage.state_dict()``.
+
+    Raises
+    ------
+    ConfigError
+        A key is missing or ``shadow_params`` is not a list of tensors.
+    """
+    missing = [k for k in ("decay", "num_updates", "shadow_params") if k not in state]
+    if missing:
+        raise ConfigError(
+            f"torch-ema state lacks {missing}: expected the dict returned by "
+            f"ExponentialMovingAverage.state_dict() (keys decay, num_updates, shadow_params, collected_params)"
+        )
+    shadow = state["shadow_params"]
+    if not isinstance(shadow, list | tuple) or not all(isinstance(t, Tensor) for t in shadow):
+        raise ConfigError("torch-ema state: 'shadow_params' must be a list of tensors")
+    return list(shadow), state["num_updates"]
 
 
 class EMAWeights:
