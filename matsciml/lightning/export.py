@@ -78,6 +78,7 @@ from torch import Tensor, nn
 
 from matsciml.common import graph as G
 from matsciml.common.errors import ConfigError, MatSciMLError, closest
+from matsciml.lightning._compat import detach_from_trainer
 
 __all__ = [
     "INPUT_NAMES",
@@ -274,9 +275,7 @@ def _inference_copy(task: nn.Module, keys: list[str]) -> nn.Module:
     module.requires_grad_(False)
     if hasattr(module, "task_keys"):
         module.task_keys = list(keys)
-    if hasattr(type(module), "_jit_is_scripting"):
-        # LightningModule properties (trainer, ...) raise when not attached unless this is set
-        module._jit_is_scripting = True
+    detach_from_trainer(module)  # LightningModule properties (trainer, ...) raise when not attached
     return module
 
 

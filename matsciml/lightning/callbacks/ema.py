@@ -22,6 +22,7 @@ from matsciml.lightning.callbacks._utils.ema_store import (
     owner_modules,
     read_torch_ema_state,
 )
+from matsciml.lightning.callbacks._utils.names import EMA_GAIN_PREFIX, VAL_RAW_PREFIX
 
 __all__ = ["ExponentialMovingAverageCallback"]
 
@@ -523,8 +524,10 @@ class ExponentialMovingAverageCallback(Callback):
             return
         for key, (ema_sum, raw_sum) in self._sums.items():
             raw = raw_sum / self._weight
-            pl_module.log(f"val_raw_{key}", raw, on_step=False, on_epoch=True, sync_dist=True)
-            pl_module.log(f"ema_gain_{key}", raw - ema_sum / self._weight, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log(f"{VAL_RAW_PREFIX}{key}", raw, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log(
+                f"{EMA_GAIN_PREFIX}{key}", raw - ema_sum / self._weight, on_step=False, on_epoch=True, sync_dist=True
+            )
         self._sums, self._weight = {}, 0.0
 
     @override

@@ -41,6 +41,7 @@ from matsciml.lightning.callbacks._utils.grads import (
     skip_optimizer_step,
     tensor_norms,
 )
+from matsciml.lightning.callbacks._utils.names import GRAD_NORM_BEFORE_CLIP, GRAD_NORM_PREFIX, GRAD_NORM_TOTAL
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
@@ -368,7 +369,7 @@ class MonitorGradients(Callback):
         )
         host = torch.cat([values, norms]).tolist()  # the one sync of a logged step
         per_param = host[len(keys) :]
-        self.last = {f"grad_norm/{k}": v for k, v in zip(keys, host[: len(keys)])}
+        self.last = {f"{GRAD_NORM_PREFIX}{k}": v for k, v in zip(keys, host[: len(keys)])}
         log_scalars(trainer, self.last, step=step)
         if self.verbose:
             rank_zero_info(f"MonitorGradients step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last.items()))
@@ -385,7 +386,7 @@ class MonitorGradients(Callback):
             self._warner.warn(
                 "repeat",
                 f"MonitorGradients: step {step}: every parameter's gradient norm equals that of step {previous[0]} "
-                f"(total {self.last.get('grad_norm/total', float('nan')):.6g}); the model sees the same gradient "
+                f"(total {self.last.get(GRAD_NORM_TOTAL, float('nan')):.6g}); the model sees the same gradient "
                 "again. Check that the data loader yields new batches and that the loss depends on the inputs.",
                 step,
                 rank=trainer.global_rank,
@@ -490,4 +491,4 @@ class ManualGradientClip(Callback):
                 self.last_total_norm = nn.utils.get_total_norm([p.grad for p in params], self.norm_type)
             nn.utils.clip_grad_value_(params, self.value, **self.kwargs)
         if log_now and self.last_total_norm is not None:
-            log_scalars(trainer, {"grad_norm/before_clip": self.last_total_norm})
+            log_scalars(trainer, {GRAD_NORM_BEFORE_CLIP: self.last_total_norm})

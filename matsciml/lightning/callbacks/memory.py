@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.names import MEMORY_CUDA_PEAK, MEMORY_RSS, MEMORY_RSS_PEAK
 from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 
@@ -80,9 +81,9 @@ def memory_snapshot(device: torch.device | None = None, reset_cuda_peak: bool = 
         the last reset) and ``memory/cuda_reserved_mb`` (``torch.cuda.memory_reserved``:
         held by the caching allocator now).
     """
-    out = {"memory/rss_mb": rss_bytes() / MIB, "memory/rss_peak_mb": peak_rss_bytes() / MIB}
+    out = {MEMORY_RSS: rss_bytes() / MIB, MEMORY_RSS_PEAK: peak_rss_bytes() / MIB}
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        out["memory/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / MIB
+        out[MEMORY_CUDA_PEAK] = torch.cuda.max_memory_allocated(device) / MIB
         out["memory/cuda_reserved_mb"] = torch.cuda.memory_reserved(device) / MIB
         if reset_cuda_peak:
             torch.cuda.reset_peak_memory_stats(device)

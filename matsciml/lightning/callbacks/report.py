@@ -16,6 +16,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.names import (
+    EMA_GAIN_PREFIX,
+    GRAD_NORM_PREFIX,
+    GRAD_NORM_TOTAL,
+    MEMORY_CUDA_PEAK,
+    MEMORY_RSS,
+    MEMORY_RSS_PEAK,
+    THROUGHPUT_ATOMS,
+    THROUGHPUT_GRAPHS,
+    VAL_RAW_PREFIX,
+)
 from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch, log_every_n_steps
 
@@ -256,7 +267,7 @@ class TrainingDynamicsReport(Callback):
         if trainer.sanity_checking:
             return
         for name, value in trainer.callback_metrics.items():
-            if name.startswith(("val_", "ema_gain_")):
+            if name.startswith(("val_", EMA_GAIN_PREFIX)):
                 self._add(name, trainer.global_step, value)
 
     @override
@@ -380,7 +391,7 @@ class TrainingDynamicsReport(Callback):
             values += y
         for name, label, color in (
             ("val_loss" if "val_loss" in self.series else "val_total", "validation", "tab:orange"),
-            ("val_raw_total", "validation, raw weights", "tab:green"),
+            (VAL_RAW_PREFIX + "total", "validation, raw weights", "tab:green"),
         ):
             values += self._plot(ax, [name], [label], color=color)
         if values:
@@ -403,10 +414,10 @@ class TrainingDynamicsReport(Callback):
 
         # 3. gradient norms
         ax = axes[2]
-        names = self._names("grad_norm/")
+        names = self._names(GRAD_NORM_PREFIX)
         if len(names) > _MAX_GRAD_LINES:  # keep the total and the largest groups
-            rest = sorted((n for n in names if n != "grad_norm/total"), key=lambda n: -max(self._xy(n)[1]))
-            names = (["grad_norm/total"] if "grad_norm/total" in names else []) + rest
+            rest = sorted((n for n in names if n != GRAD_NORM_TOTAL), key=lambda n: -max(self._xy(n)[1]))
+            names = ([GRAD_NORM_TOTAL] if GRAD_NORM_TOTAL in names else []) + rest
             names = names[:_MAX_GRAD_LINES]
         values = self._plot(ax, names, [n.split("/", 1)[1] for n in names])
         if values:
@@ -418,12 +429,12 @@ class TrainingDynamicsReport(Callback):
 
         # 4. EMA gain
         ax = axes[3]
-        names = self._names("ema_gain_")
-        labels = [n[len("ema_gain_") :] for n in names]
-        if len(names) == 2 and "ema_gain_total" in names:  # one task key: its gain and the total coincide
-            key = next(n for n in names if n != "ema_gain_total")
-            if self._xy(key) == self._xy("ema_gain_total"):
-                names, labels = ["ema_gain_total"], [f"total (= {key[len('ema_gain_') :]})"]
+        names = self._names(EMA_GAIN_PREFIX)
+        labels = [n[len(EMA_GAIN_PREFIX) :] for n in names]
+        if len(names) == 2 and EMA_GAIN_PREFIX + "total" in names:  # one task key: its gain and the total coincide
+            key = next(n for n in names if n != EMA_GAIN_PREFIX + "total")
+            if self._xy(key) == self._xy(EMA_GAIN_PREFIX + "total"):
+                names, labels = [EMA_GAIN_PREFIX + "total"], [f"total (= {key[len(EMA_GAIN_PREFIX) :]})"]
         values = self._plot(ax, names, labels)
         if values:
             ax.set_title(PANEL_TITLES[3], fontsize=11)
@@ -438,12 +449,12 @@ class TrainingDynamicsReport(Callback):
 
         # 5. throughput
         ax = axes[4]
-        values = self._plot(ax, ["throughput/graphs_per_s"], ["structures / s"], color="tab:green")
+        values = self._plot(ax, [THROUGHPUT_GRAPHS], ["structures / s"], color="tab:green")
         if values:
             ax.set_title(PANEL_TITLES[4], fontsize=11)
             ax.set_ylabel("structures per second")
             ax.set_ylim(bottom=0)
-            x, atoms = self._xy("throughput/atoms_per_s")
+            x, atoms = self._xy(THROUGHPUT_ATOMS)
             if x:
                 twin = ax.twinx()
                 twin.plot(x, atoms, color="tab:purple", linestyle=":", label="atoms / s")
@@ -456,16 +467,16 @@ class TrainingDynamicsReport(Callback):
 
         # 6. memory
         ax = axes[5]
-        names = [n for n in ("memory/rss_mb", "memory/rss_peak_mb", "memory/cuda_peak_mb") if n in self.series]
+        names = [n for n in (MEMORY_RSS, MEMORY_RSS_PEAK, MEMORY_CUDA_PEAK) if n in self.series]
         labels = {
-            "memory/rss_mb": "host RSS",
-            "memory/rss_peak_mb": "host RSS, peak so far",
-            "memory/cuda_peak_mb": "CUDA peak allocated",
+            MEMORY_RSS: "host RSS",
+            MEMORY_RSS_PEAK: "host RSS, peak so far",
+            MEMORY_CUDA_PEAK: "CUDA peak allocated",
         }
         styles = {
-            "memory/rss_mb": {"color": "tab:blue"},
-            "memory/rss_peak_mb": {"color": "tab:blue", "linestyle": "--", "alpha": 0.6},
-            "memory/cuda_peak_mb": {"color": "tab:red"},
+            MEMORY_RSS: {"color": "tab:blue"},
+            MEMORY_RSS_PEAK: {"color": "tab:blue", "linestyle": "--", "alpha": 0.6},
+            MEMORY_CUDA_PEAK: {"color": "tab:red"},
         }
         values = []
         for name in names:

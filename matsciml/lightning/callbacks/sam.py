@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging as pylogging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +18,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning._compat import forward_redirection, mark_scaler_step_skipped, silenced_logging
 from matsciml.lightning.callbacks._utils.grads import grad_scaler, optimizer_parameters, skip_optimizer_step
 from matsciml.lightning.callbacks._utils.sam_math import (
     DEFAULT_EPS,
@@ -34,26 +34,6 @@ __all__ = ["SAM"]
 _LOG = pylogging.getLogger(__name__)
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _noop_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _silenced_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``module.log`` / ``module.log_dict`` into no-ops (the second pass must not log its loss)."""
-    previous = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    for name in previous:
-        object.__setattr__(module, name, _noop_log)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                object.__setattr__(module, name, value)
 
 
 def _loss_of(output: Any, where: str) -> Tensor | None:
@@ -349,7 +329,7 @@ class SAM(Callback):
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
         strategy = trainer.strategy
         wrapped = strategy.model is not None and strategy.model is not pl_module
-        redirect = getattr(strategy, "_forward_redirection", None)
+        redirect = forward_redirection(strategy)
         if self._use_protocol and (not wrapped or redirect is not None):
             with strategy.precision_plugin.train_step_context():
                 if wrapped:
@@ -358,7 +338,7 @@ class SAM(Callback):
                 else:
                     out = pl_module.compute_losses(batch)
             return _loss_of(out, f"{type(pl_module).__name__}.compute_losses")
-        with _silenced_logging(pl_module):
+        with silenced_logging(pl_module):
             out = strategy.training_step(batch, batch_idx)
         return _loss_of(out, f"{type(pl_module).__name__}.training_step")
 
@@ -367,12 +347,7 @@ class SAM(Callback):
         self.skipped_steps += 1
         devices = {p.grad.device for p in optimizer_parameters(optimizer) if p.grad is not None}
         skip_optimizer_step(optimizer)
-        scaler = grad_scaler(trainer)
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if scaler is not None and states is not None:
-            found = states[id(optimizer)].setdefault("found_inf_per_device", {})
-            for device in devices or {torch.device("cpu")}:
-                found[device] = torch.ones((), dtype=torch.float32, device=device)
+        mark_scaler_step_skipped(grad_scaler(trainer), optimizer, devices)
         message = (
             f"SAM: {why} in the sharpness-aware step at global step {trainer.global_step}; the optimizer step is "
             f"skipped (weights unchanged, {self.skipped_steps} skipped so far, logged as sam_skipped_steps)"

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from matsciml.common import graph as graph_ops
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.names import THROUGHPUT_GRAPHS, THROUGHPUT_PREFIX
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["ThroughputCallback", "batch_counts"]
@@ -196,7 +197,7 @@ class ThroughputCallback(Callback):
             self._warner.warn(
                 "graphs",
                 "ThroughputCallback: the batch carries no 'natoms' or graph; pass batch_size=... to get "
-                "throughput/graphs_per_s",
+                + THROUGHPUT_GRAPHS,
                 step,
             )
 
@@ -263,7 +264,7 @@ class ThroughputCallback(Callback):
         if elapsed > 0:
             for name, count in zip(("graphs", "atoms", "edges"), counts):
                 if not math.isnan(count):
-                    record[f"{name}_per_s"] = metrics[f"throughput/{name}_per_s"] = count / elapsed
+                    record[f"{name}_per_s"] = metrics[f"{THROUGHPUT_PREFIX}{name}_per_s"] = count / elapsed
         if self._batches:
             for name, total in zip(("data_s", "forward_backward_s", "optimizer_s"), self._times):
                 record[name] = metrics[f"time/{name}"] = total / self._batches

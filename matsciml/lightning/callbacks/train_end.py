@@ -47,11 +47,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
+from matsciml.lightning._compat import preserved_trainer_state
 from matsciml.lightning.callbacks._base.train_end import (
     CHECKPOINT_PREFERENCES,
     CheckpointChoice,
@@ -143,19 +143,13 @@ class TestOnTrainEnd(TrainEndCallback):
             rank_zero_warn(f"{self.stage_name}: nothing to test (no data module with a test set); skipped")
             return
         choice = self.checkpoint(context)
-        saved_state = (trainer.state.fn, trainer.state.status, trainer.state.stage)
-        saved_ckpt = [(cb, dict(vars(cb))) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
-        try:
+        with preserved_trainer_state(trainer):
             output = trainer.test(
                 pl_module,
                 datamodule=datamodule,
                 ckpt_path=None if choice.path is None else str(choice.path),
                 verbose=self.verbose,
             )
-        finally:
-            trainer.state.fn, trainer.state.status, trainer.state.stage = saved_state
-            for cb, attributes in saved_ckpt:
-                vars(cb).update(attributes)
         metrics: dict[str, float] = {}
         for results in output or []:
             metrics.update({k: float(v) for k, v in results.items()})

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from matsciml.lightning._compat import dump_checkpoint
 from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.checkpointing import TEMPORARY_PREFIX, atomic_torch_save
 
@@ -75,5 +76,5 @@ def save_local_checkpoint_atomic(trainer: pl.Trainer, path: str | os.PathLike) -
         ``path``.
     """
     # the trainer's own checkpoint content; Trainer.save_checkpoint would add a barrier
-    checkpoint: dict[str, Any] = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    checkpoint: dict[str, Any] = dump_checkpoint(trainer, weights_only=False)
     return atomic_torch_save(checkpoint, path)
