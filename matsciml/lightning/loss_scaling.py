@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 
 __all__ = ["BaseScalingSchedule", "LinearScalingSchedule", "SigmoidScalingSchedule", "schedule_length"]
@@ -127,8 +128,7 @@ class BaseScalingSchedule(ABC):
                 ok = False
             if not ok:
                 raise ConfigError(f"{name}({key!r}): {arg}={value!r} must be a finite number")
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
-            raise ConfigError(f"{name}({key!r}): total={total!r} must be a positive integer or null")
+        check_int(total, "total", f"{name}({key!r})", optional=True)
         self.key = key
         self.initial_value = float(initial_value)
         self.end_value = float(end_value)

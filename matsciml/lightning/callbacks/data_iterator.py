@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, infer_batch_size
 from matsciml.lightning.callbacks._utils.inference import (
@@ -159,10 +160,7 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
         )
         if not isinstance(dataset, str) or not dataset:
             raise ConfigError(f"{type(self).__name__}: dataset={dataset!r} must be a dataset name such as 'test'")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ConfigError(f"{type(self).__name__}: batch_size={batch_size!r} must be a positive integer or null")
+        check_int(batch_size, "batch_size", type(self).__name__, optional=True)
         self.dataset = dataset
         self.batch_size = batch_size
         self.use_ema = bool(use_ema)

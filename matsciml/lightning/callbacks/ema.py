@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.ema_math import check_warmup, effective_decay
 from matsciml.lightning.callbacks._utils.ema_store import (
@@ -175,10 +176,8 @@ class ExponentialMovingAverageCallback(Callback):
             raise ConfigError(f"decay={decay!r} must lie in [0, 1] (typical values 0.99 to 0.9999)")
         if not float(decay_tau) > 0.0:
             raise ConfigError(f"decay_tau={decay_tau!r} must be > 0 (updates)")
-        if int(update_every_n_steps) < 1 or int(update_every_n_steps) != update_every_n_steps:
-            raise ConfigError(f"update_every_n_steps={update_every_n_steps!r} must be an integer >= 1")
-        if int(start_step) < 0 or int(start_step) != start_step:
-            raise ConfigError(f"start_step={start_step!r} must be an integer >= 0")
+        check_int(update_every_n_steps, "update_every_n_steps", "ExponentialMovingAverageCallback")
+        check_int(start_step, "start_step", "ExponentialMovingAverageCallback", minimum=0)
         self.decay = float(decay)
         self.warmup = check_warmup(warmup)
         self.decay_tau = float(decay_tau)
@@ -537,9 +536,6 @@ class ExponentialMovingAverageCallback(Callback):
             self._swap_out("an exception")
 
     # ------------------------------------------------------------------ checkpoints
-    def _settings(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _SETTINGS}
-
     @override
     def state_dict(self) -> dict[str, Any]:
         """Raw weights (name -> tensor), update count, last step seen and settings; ``{}`` before ``fit``."""
@@ -551,7 +547,7 @@ class ExponentialMovingAverageCallback(Callback):
         return {
             "format": _FORMAT,
             "version": _VERSION,
-            "settings": self._settings(),
+            "settings": {name: getattr(self, name) for name in _SETTINGS},
             "num_updates": self._num_updates,
             "last_step": self._last_step,
             "raw": {name: raw[name] for name in self.store.names},

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 
@@ -63,8 +64,7 @@ class GarbageCallback(Callback):
 
     def __init__(self, frequency: int = 100, generation: int = 2) -> None:
         super().__init__()
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ConfigError(f"GarbageCallback: frequency={frequency!r} must be an integer >= 1 (optimizer steps)")
+        check_int(frequency, "frequency", "GarbageCallback", hint=" (optimizer steps)")
         if generation not in (0, 1, 2):
             raise ConfigError(f"GarbageCallback: generation={generation!r} must be 0, 1 or 2")
         self.frequency = frequency

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from matsciml.common.errors import ConfigError
+from matsciml.common.checks import check_int
 from matsciml.lightning.callbacks._utils.names import MEMORY_CUDA_PEAK, MEMORY_RSS, MEMORY_RSS_PEAK
 from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
@@ -148,8 +148,7 @@ class PeakMemoryCallback(Callback):
 
     def __init__(self, every_n_steps: int = 50, reset_cuda_peak: bool = True) -> None:
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"PeakMemoryCallback: every_n_steps={every_n_steps!r} must be an integer >= 1")
+        check_int(every_n_steps, "every_n_steps", "PeakMemoryCallback")
         self.every_n_steps = every_n_steps
         self.reset_cuda_peak = bool(reset_cuda_peak)
         self.peaks: dict[str, float] = {}

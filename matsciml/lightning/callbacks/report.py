@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.names import (
     EMA_GAIN_PREFIX,
@@ -29,6 +30,7 @@ from matsciml.lightning.callbacks._utils.names import (
 )
 from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch, log_every_n_steps
+from matsciml.lightning.checkpointing import atomic_path
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
 
@@ -190,10 +192,7 @@ class TrainingDynamicsReport(Callback):
         super().__init__()
         if not isinstance(filename, str) or not filename.lower().endswith(".png") or os.sep in filename:
             raise ConfigError(f"TrainingDynamicsReport: filename={filename!r} must be a file name ending in .png")
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ConfigError(f"TrainingDynamicsReport: every_n_steps={every_n_steps!r} must be an integer >= 1")
+        check_int(every_n_steps, "every_n_steps", "TrainingDynamicsReport", optional=True)
         self.filename = filename
         self.every_n_steps = every_n_steps
         self.dpi = int(dpi)
@@ -319,18 +318,13 @@ class TrainingDynamicsReport(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         figure = self.make_figure(title)
         FigureCanvasAgg(figure)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
         metadata = {
             "Title": self._title,
             "Description": "panels: " + "; ".join(self.panel_titles),
             "Software": "matsciml TrainingDynamicsReport",
         }
-        try:
+        with atomic_path(path, suffix=".png") as tmp:
             figure.savefig(tmp, format="png", dpi=self.dpi, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         self.path = path
         return path
 

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning._compat import forward_redirection, mark_scaler_step_skipped, silenced_logging
 from matsciml.lightning.callbacks._utils.grads import grad_scaler, optimizer_parameters, skip_optimizer_step
@@ -152,10 +153,7 @@ class SAM(Callback):
             raise ConfigError(
                 f"SAM: give skip_step_count ({skip_step_count!r}) or skip_epoch_count ({skip_epoch_count!r}), not both"
             )
-        if skip_step_count is not None and (
-            isinstance(skip_step_count, bool) or not isinstance(skip_step_count, int) or skip_step_count < 0
-        ):
-            raise ConfigError(f"SAM: skip_step_count={skip_step_count!r} must be a non-negative int or None")
+        check_int(skip_step_count, "skip_step_count", "SAM", minimum=0, optional=True)
         if skip_epoch_count is not None:
             ok_int = isinstance(skip_epoch_count, int) and not isinstance(skip_epoch_count, bool)
             ok_int = ok_int and skip_epoch_count >= 0
@@ -165,8 +163,7 @@ class SAM(Callback):
                     f"SAM: skip_epoch_count={skip_epoch_count!r} must be a non-negative int (epochs) or a float in "
                     "(0, 1) (fraction of max_epochs)"
                 )
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"SAM: every_n_steps={every_n_steps!r} must be an int >= 1")
+        check_int(every_n_steps, "every_n_steps", "SAM")
         level = log_level.upper() if isinstance(log_level, str) else log_level
         if level not in _LEVELS:
             raise ConfigError(f"SAM: log_level={log_level!r} must be one of {', '.join(_LEVELS)}")

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError, MatSciMLError
 from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, check_period
 from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
@@ -119,8 +120,7 @@ class MetricEarlyStopping(MetricConsumer, Callback):
         name = type(self).__name__
         if not isinstance(monitor, str) or not monitor:
             raise ConfigError(f"{name}: monitor={monitor!r} must be the name of a logged metric")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"{name}: patience={patience!r} must be an integer >= 1 (checks without improvement)")
+        check_int(patience, "patience", name, hint=" (checks without improvement)")
         if not float(min_delta) >= 0.0:
             raise ConfigError(f"{name}: min_delta={min_delta!r} must be >= 0")
         if min_delta_mode not in ("abs", "rel"):

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
 
@@ -72,8 +73,7 @@ def check_period(owner: str, **periods: int | None) -> tuple[str, int]:
         what = "none" if not given else ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise ConfigError(f"{owner}: give exactly one of {names} (got {what})")
     ((name, value),) = given.items()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}: {name}={value!r} must be an integer >= 1")
+    check_int(value, name, owner)
     return name, value
 
 

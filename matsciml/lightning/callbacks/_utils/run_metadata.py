@@ -14,7 +14,6 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from matsciml.common.errors import ConfigError, closest
 from matsciml.lightning.callbacks._utils.reporting import run_folder
+from matsciml.lightning.checkpointing import atomic_write_text
 
 if TYPE_CHECKING:  # the context's type only: helpers never import the base layer
     from matsciml.lightning.callbacks._base.train_end import TrainEndContext
@@ -176,18 +176,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as fh:
-            json.dump(_jsonable(data), fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def find_config(trainer: pl.Trainer) -> Path | None:
