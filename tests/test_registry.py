@@ -214,3 +214,21 @@ def test_aliases_and_did_you_mean():
         fresh.get("encoder", "MyEncodr")
     with pytest.raises(ConfigError, match="already registered"):
         fresh.add("encoder", type("Other", (), {}), name="MyEncoder")
+
+
+def test_builtin_packages_are_walked(tmp_path, monkeypatch):
+    """A new module anywhere inside a listed package is imported at the first lookup: no other edit needed."""
+    pkg = tmp_path / "walked_pkg"
+    _write(pkg / "__init__.py", "")
+    _write(pkg / "deep" / "__init__.py", "")
+    _write(pkg / "deep" / "new_encoder.py", "LOADED = True\n")
+    _write(pkg / "_private.py", "raise RuntimeError('private modules are not imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh = Registry({"encoder": ("walked_pkg",)}, plugin_group=None)
+    try:
+        assert "walked_pkg.deep.new_encoder" not in sys.modules
+        fresh.names("encoder")
+        assert sys.modules["walked_pkg.deep.new_encoder"].LOADED
+    finally:
+        for name in [n for n in sys.modules if n.startswith("walked_pkg")]:
+            sys.modules.pop(name)
