@@ -29,9 +29,7 @@ from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _callback_toys import FILTERS, ToyDataset, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyDataset, ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 
 def oracle_predictions(net: torch.nn.Module, dataset) -> tuple[list[str], torch.Tensor]:

@@ -13,9 +13,7 @@ from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
 from matsciml.lightning.callbacks.events import event_receivers, fire_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 LOG: list[tuple[str, str, dict]] = []
 

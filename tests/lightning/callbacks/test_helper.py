@@ -44,11 +44,6 @@ from monitor_models import (  # noqa: E402
     structure,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*encoder instance.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

@@ -32,12 +32,6 @@ from matsciml.lightning.callbacks.metadata import (
     lookup,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 REPO = Path(__file__).resolve().parents[3]
 

@@ -27,10 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from monitor_models import PlainModule, TinyTask, WeightRecorder, fit, loader, make_batch, make_batches, trainer  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 STEP = 3
