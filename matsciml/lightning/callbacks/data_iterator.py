@@ -26,27 +26,11 @@ from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, infer_batch_size
 from matsciml.lightning.callbacks._utils.inference import (
-    call_with_eval_weights,
-    combine_samples,
-    ema_weights_for,
-    evaluation_mode,
     gather_in_order,
     run_inference,
-    shard_indices,
-    split_per_sample,
 )
 
-__all__ = [
-    "PeriodicDataIteratorCallback",
-    "shard_indices",
-    "evaluation_mode",
-    "call_with_eval_weights",
-    "ema_weights_for",
-    "run_inference",
-    "gather_in_order",
-    "split_per_sample",
-    "combine_samples",
-]
+__all__ = ["PeriodicDataIteratorCallback"]
 
 
 # ---------------------------------------------------------------------------- the callback

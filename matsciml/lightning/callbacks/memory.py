@@ -8,14 +8,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from matsciml.common.checks import check_int
+from matsciml.lightning.callbacks._base.optimizer_step import OptimizerStepCallback
 from matsciml.lightning.callbacks._utils.names import MEMORY_CUDA_PEAK, MEMORY_RSS, MEMORY_RSS_PEAK
 from matsciml.lightning.callbacks._utils.reporting import log_scalars
-from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch
 
 __all__ = ["PeakMemoryCallback", "rss_bytes", "peak_rss_bytes", "memory_snapshot"]
 
@@ -90,7 +89,7 @@ def memory_snapshot(device: torch.device | None = None, reset_cuda_peak: bool = 
     return out
 
 
-class PeakMemoryCallback(Callback):
+class PeakMemoryCallback(OptimizerStepCallback):
     """Log the process's resident memory and the peak CUDA memory every few steps.
 
     Every ``every_n_steps`` optimizer steps it logs, to every logger
@@ -153,7 +152,6 @@ class PeakMemoryCallback(Callback):
         self.reset_cuda_peak = bool(reset_cuda_peak)
         self.peaks: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self._steps = OptimizerStepWatch()
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         values = memory_snapshot(pl_module.device, reset_cuda_peak=self.reset_cuda_peak)
@@ -172,18 +170,15 @@ class PeakMemoryCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps.reset(trainer)
+        super().on_train_start(trainer, pl_module)
         device = pl_module.device
         if self.reset_cuda_peak and device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(device)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, step: int
     ) -> None:
-        if not self._steps.advanced(trainer):
-            return  # accumulating gradients: no optimizer step since the last call
-        step = trainer.global_step
         if step % self.every_n_steps == 0:
             self._record(trainer, pl_module, step)
 

@@ -37,27 +37,13 @@ from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.callbacks._utils.run_metadata import (
     collect_metadata,
     find_config,
-    flatten,
-    git_commit,
     key_sources,
-    library_versions,
-    lookup,
     read_config,
     resolve_keys,
     write_json,
 )
 
-__all__ = [
-    "MetadataLogger",
-    "collect_metadata",
-    "find_config",
-    "git_commit",
-    "library_versions",
-    "lookup",
-    "flatten",
-    "resolve_keys",
-    "write_json",
-]
+__all__ = ["MetadataLogger"]
 
 
 class MetadataLogger(TrainEndCallback):

@@ -10,13 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._base.optimizer_step import OptimizerStepCallback
 from matsciml.lightning.callbacks._utils.names import (
     EMA_GAIN_PREFIX,
     GRAD_NORM_PREFIX,
@@ -29,7 +29,7 @@ from matsciml.lightning.callbacks._utils.names import (
     VAL_RAW_PREFIX,
 )
 from matsciml.lightning.callbacks._utils.reporting import run_folder
-from matsciml.lightning.callbacks._utils.steps import OptimizerStepWatch, log_every_n_steps
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 from matsciml.lightning.checkpointing import atomic_path
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
@@ -103,7 +103,7 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-class TrainingDynamicsReport(Callback):
+class TrainingDynamicsReport(OptimizerStepCallback):
     """Write a one-page figure of how training went, ``training_dynamics.png``, at the end of ``fit``.
 
     Six panels against the optimizer step:
@@ -201,7 +201,6 @@ class TrainingDynamicsReport(Callback):
         self.panel_titles: tuple[str, ...] = ()
         self._tap: _MetricTap | None = None
         self._had_loggers = False
-        self._steps = OptimizerStepWatch()
         self._epochs = 0
         self._title = ""
 
@@ -236,16 +235,9 @@ class TrainingDynamicsReport(Callback):
         self._attach(trainer)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps.reset(trainer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, step: int
     ) -> None:
-        if not self._steps.advanced(trainer):
-            return  # accumulating gradients: no optimizer step since the last call
-        step = trainer.global_step
         every = log_every_n_steps(trainer, self.every_n_steps)
         if step % every != 0 and step != 1:
             return

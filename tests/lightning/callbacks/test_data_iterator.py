@@ -19,12 +19,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.data_iterator import (
-    PeriodicDataIteratorCallback,
-    combine_samples,
-    shard_indices,
-    split_per_sample,
-)
+from matsciml.lightning.callbacks._utils.inference import combine_samples, shard_indices, split_per_sample
+from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 HERE = Path(__file__).resolve().parent

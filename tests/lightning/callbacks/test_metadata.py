@@ -23,14 +23,14 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.metadata import (
-    MetadataLogger,
+from matsciml.lightning.callbacks._utils.run_metadata import (
     collect_metadata,
     flatten,
     git_commit,
     library_versions,
     lookup,
 )
+from matsciml.lightning.callbacks.metadata import MetadataLogger
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 REPO = Path(__file__).resolve().parents[3]
