@@ -16,6 +16,13 @@ Periodic work, stopping and best checkpoints
     :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`.
 Train-end pipeline
     :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
+Batch jobs and logs
+    :class:`PreemptionCheckpoint` (resume checkpoint at a step boundary, requeue),
+    :class:`RNGStateCallback` (generator states in checkpoints), :class:`LogProgressBar`.
+
+Layout: shared helpers in ``_utils`` (no callback imports), base classes in ``_base``
+(import ``_utils`` only), one callback per module (imports ``_utils``, ``_base`` and the task
+protocol, never another callback).
 Configuration
     :func:`build_callbacks` (``class_path``/``init_args`` and ``kind`` + ``every_n_*`` styles).
 """
@@ -45,7 +52,10 @@ from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
+from matsciml.lightning.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
+from matsciml.lightning.callbacks.progress import LogProgressBar
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
+from matsciml.lightning.callbacks.rng_state import RNGStateCallback
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
@@ -85,6 +95,10 @@ __all__ = [
     "ExportOnTrainEnd",
     "ArchiveOnTrainEnd",
     "MetadataLogger",
+    "PreemptionCheckpoint",
+    "TrainingPreempted",
+    "RNGStateCallback",
+    "LogProgressBar",
     "build_callbacks",
 ]
 

@@ -227,7 +227,7 @@ class LinearScalingSchedule(BaseScalingSchedule):
 
     Example::
 
-        - class_path: matsciml.lightning.loss_scaling.LinearScalingSchedule
+        - class_path: matsciml.lightning.callbacks.loss_scaling.LinearScalingSchedule
           init_args: {key: forces, initial_value: 1.0, end_value: 10.0, step_frequency: epoch}
     """
 
@@ -279,7 +279,7 @@ class SigmoidScalingSchedule(BaseScalingSchedule):
 
     Example::
 
-        - class_path: matsciml.lightning.loss_scaling.SigmoidScalingSchedule
+        - class_path: matsciml.lightning.callbacks.loss_scaling.SigmoidScalingSchedule
           init_args: {key: energy, initial_value: 1.0, end_value: 0.1, center_frac: 0.5, curvature: 1.0e-5}
     """
 
@@ -368,7 +368,7 @@ class LossScalingScheduler(Callback):
             - class_path: matsciml.lightning.callbacks.LossScalingScheduler
               init_args:
                 scaling_schedules:
-                  - class_path: matsciml.lightning.loss_scaling.SigmoidScalingSchedule
+                  - class_path: matsciml.lightning.callbacks.loss_scaling.SigmoidScalingSchedule
                     init_args: {key: forces, initial_value: 1.0, end_value: 10.0, center_frac: 0.5}
 
     and in Python (the upstream form)::
@@ -389,15 +389,15 @@ class LossScalingScheduler(Callback):
         items = list(schedules) + [instantiate(s, "scaling_schedules") for s in (scaling_schedules or [])]
         if not items:
             raise ConfigError(
-                "LossScalingScheduler needs at least one schedule (matsciml.lightning.loss_scaling."
-                "LinearScalingSchedule or SigmoidScalingSchedule)"
+                "LossScalingScheduler needs at least one schedule (LinearScalingSchedule or SigmoidScalingSchedule "
+                "of matsciml.lightning.callbacks.loss_scaling)"
             )
         seen: set[str] = set()
         for i, item in enumerate(items):
             if not isinstance(item, BaseScalingSchedule):
                 raise ConfigError(
                     f"LossScalingScheduler: schedule {i} is a {type(item).__name__}, not a schedule from "
-                    "matsciml.lightning.loss_scaling"
+                    "matsciml.lightning.callbacks.loss_scaling"
                 )
             if item.key in seen:
                 raise ConfigError(f"LossScalingScheduler: two schedules for key {item.key!r}; keep one")

@@ -140,7 +140,7 @@ class PreemptionCheckpoint(Callback):
     Example::
 
         callbacks:
-          - class_path: matsciml.lightning.hpc.PreemptionCheckpoint
+          - class_path: matsciml.lightning.callbacks.preemption.PreemptionCheckpoint
             init_args: {requeue_signal: SIGUSR1, save_on_sigterm: true}
 
     Parameters

@@ -20,7 +20,7 @@ The experiment runner uses :class:`LogProgressBar` whenever its standard output 
 terminal; to change the interval, list it among the trainer config's callbacks::
 
     callbacks:
-      - class_path: matsciml.lightning.progress.LogProgressBar
+      - class_path: matsciml.lightning.callbacks.progress.LogProgressBar
         init_args: {interval_s: 60}
 """
 

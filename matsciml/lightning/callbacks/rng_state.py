@@ -12,7 +12,7 @@ every checkpoint and puts them back at the first training step after a resume.
 Example::
 
     callbacks:
-      - class_path: matsciml.lightning.seeding.RNGStateCallback
+      - class_path: matsciml.lightning.callbacks.rng_state.RNGStateCallback
 
 The experiment runner adds one to every trainer it builds.
 """
@@ -108,7 +108,7 @@ class RNGStateCallback(Callback):
 
     * ``state_dict`` (called whenever a checkpoint is written): captures the states at
       that moment. Checkpoints are written between steps (``ModelCheckpoint`` after
-      validation, :class:`~matsciml.lightning.hpc.PreemptionCheckpoint` at a step start),
+      validation, :class:`~matsciml.lightning.callbacks.preemption.PreemptionCheckpoint` at a step start),
       where nothing draws random numbers until the next training step, so the state
       saved is the one the next step of an uninterrupted run starts from;
     * ``load_state_dict``: keeps the states;
