@@ -33,6 +33,7 @@ import sys
 
 from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
+from matsciml.lightning.callbacks._base.train_end import TrainEndCallback
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
@@ -59,7 +60,7 @@ from matsciml.lightning.callbacks.rng_state import RNGStateCallback
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
-from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd, TrainEndCallback
+from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
 
 __all__ = [

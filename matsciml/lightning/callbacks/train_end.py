@@ -53,34 +53,14 @@ from typing_extensions import override
 from matsciml.common.errors import ConfigError, closest
 from matsciml.lightning._compat import preserved_trainer_state
 from matsciml.lightning.callbacks._base.train_end import (
-    CHECKPOINT_PREFERENCES,
-    CheckpointChoice,
     TrainEndCallback,
     TrainEndContext,
-    checkpoint_records,
-    choose_checkpoint,
-    find_checkpoints,
     load_checkpoint_weights,
-    run_train_end_pipeline,
 )
 from matsciml.lightning.callbacks._utils.run_metadata import collect_metadata, find_config
 from matsciml.lightning.checkpointing import atomic_path
 
-__all__ = [
-    "CHECKPOINT_PREFERENCES",
-    "CheckpointChoice",
-    "TrainEndContext",
-    "TrainEndCallback",
-    "TestOnTrainEnd",
-    "ExportOnTrainEnd",
-    "ArchiveOnTrainEnd",
-    "checkpoint_records",
-    "find_checkpoints",
-    "run_train_end_pipeline",
-    "example_batch",
-    "write_archive",
-    "choose_checkpoint",
-]
+__all__ = ["TestOnTrainEnd", "ExportOnTrainEnd", "ArchiveOnTrainEnd", "example_batch", "write_archive"]
 
 
 # ----------------------------------------------------------------------------- test

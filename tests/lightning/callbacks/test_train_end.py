@@ -22,15 +22,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import train_end
+from matsciml.lightning.callbacks._base.train_end import TrainEndCallback, choose_checkpoint, find_checkpoints
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
-from matsciml.lightning.callbacks.train_end import (
-    ArchiveOnTrainEnd,
-    ExportOnTrainEnd,
-    TrainEndCallback,
-    choose_checkpoint,
-    find_checkpoints,
-)
+from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd
 from matsciml.lightning.datamodule import MatSciMLDataModule
 from matsciml.lightning.export import load_exported
 from matsciml.models.tasks.scalar import ScalarRegressionTask
@@ -303,7 +298,7 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
 
 def test_export_falls_back_to_the_other_method(run, tmp_path):
     """method='export' fails on PLEGNNBackbone today; the stage then writes the TorchScript file."""
-    from matsciml.lightning.callbacks.train_end import TrainEndContext, checkpoint_records
+    from matsciml.lightning.callbacks._base.train_end import TrainEndContext, checkpoint_records
 
     trainer = run["trainer"]
     stage = ExportOnTrainEnd(method="export", preferred_checkpoint="loss", dirpath=tmp_path)
