@@ -24,6 +24,7 @@ import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from matsciml.common.errors import ConfigError, closest
+from matsciml.common.plain import to_plain
 from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.checkpointing import atomic_write_text
 
@@ -153,30 +154,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None:
-        return None
-    for kind in (bool, int, float, str):  # subclasses (torch's TorchVersion, IntEnum, ...) become the plain type
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    if hasattr(value, "item") and type(value).__module__ == "numpy":
-        return value.item()
-    return repr(value)
-
-
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(to_plain(data), indent=2) + "\n")
 
 
 def find_config(trainer: pl.Trainer) -> Path | None:
@@ -198,7 +178,7 @@ def read_config(path: Path | None) -> dict[str, Any]:
 
 def _hparams(obj: Any) -> dict[str, Any]:
     hparams = getattr(obj, "hparams", None)
-    return _jsonable(dict(hparams)) if isinstance(hparams, Mapping) else {}
+    return to_plain(dict(hparams)) if isinstance(hparams, Mapping) else {}
 
 
 def _seed(config: dict[str, Any], datamodule: Any) -> int | None:
@@ -228,7 +208,7 @@ def key_sources(trainer: pl.Trainer, pl_module: Any, config: dict[str, Any]) -> 
             value = getattr(trainer, name)
         except Exception:  # noqa: BLE001, S112 - a property that needs a running loop
             continue
-        trainer_values[name] = _jsonable(value)
+        trainer_values[name] = to_plain(value)
     fit_loop = getattr(trainer, "fit_loop", None)
     if fit_loop is not None:
         trainer_values.setdefault("max_epochs", getattr(fit_loop, "max_epochs", None))
@@ -265,7 +245,7 @@ def resolve_keys(keys: Sequence[str], sources: list[dict[str, Any]], where: str 
             known = sorted({k for source in sources for k in flatten(source)} | _prefixes(sources))
             raise ConfigError(f"{where}: key {key!r} is neither in the config file nor in the run's hyperparameters; "
                               f"{closest(key, known)}")  # fmt: skip
-        out[key] = _jsonable(value)
+        out[key] = to_plain(value)
     return out
 
 
@@ -341,7 +321,7 @@ def collect_metadata(
     }
     if context is not None:
         data["train_end"] = context.as_dict()
-    return _jsonable(data)
+    return to_plain(data)
 
 
 # ----------------------------------------------------------------------------- callback
