@@ -54,6 +54,7 @@ from matsciml.common.checks import check_int
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.reporting import log_scalars
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
 __all__ = [
     "LossScalingScheduler",
@@ -449,5 +450,5 @@ class LossScalingScheduler(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        every = max(1, int(trainer.log_every_n_steps or 1))
+        every = log_every_n_steps(trainer)
         self._apply(trainer, pl_module, "step", log=trainer.global_step % every == 0)

@@ -17,6 +17,7 @@ from typing_extensions import override
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.grads import batch_ids
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
 __all__ = ["LossSpikeDetection", "is_spike"]
 
@@ -167,7 +168,7 @@ class LossSpikeDetection(Callback):
                     self._record(trainer, value, median, mad, step, batch_idx, epoch, ids)
             self._history.append(value)
         last_step = pending[-1][1]
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        every = log_every_n_steps(trainer)
         if found or any(p[1] % every == 0 for p in pending):
             log_scalars(trainer, {"loss_spikes": self.loss_spikes}, step=last_step)
 
