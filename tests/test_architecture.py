@@ -137,6 +137,17 @@ def test_relative_and_function_level_imports_are_seen():
     )
 
 
+def test_function_level_imports_are_edges_and_type_checking_ones_are_not(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from matsciml.runner import cli\n"
+        "def f():\n    from matsciml.registry import lookup\n    import matsciml.common.errors\n"
+    )
+    monkeypatch.setitem(MODULES, "matsciml.fake", fake)
+    assert imports_of("matsciml.fake") == {"matsciml.registry", "matsciml.common.errors"}
+
+
 def test_no_import_cycle_in_matsciml():
     """A module never needs itself, directly or through others (package ``__init__`` files included)."""
     graph = {m: imports_of(m) for m in MODULES}
