@@ -17,12 +17,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_egnn_kwargs
 from torch.utils.data import Dataset
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning import MatSciMLDataModule
 from matsciml.lightning.datamodule import fractional_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also when run as the DDP worker script
+from helpers import tiny_egnn_kwargs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
