@@ -152,7 +152,7 @@ def run(variant: str, args: argparse.Namespace, device: str) -> float:
 
 def time_perturbation(args: argparse.Namespace, device: str) -> dict[str, float]:
     """Milliseconds for perturb + restore of the model's parameters: fused kernels vs per-parameter loops."""
-    from matsciml.lightning.callbacks._sam_math import WeightBackup, global_norm, perturb_, restore_
+    from matsciml.lightning.callbacks._utils.sam_math import WeightBackup, global_norm, perturb_, restore_
 
     torch.manual_seed(0)
     params = [p.detach().to(device) for p in make_model(args.width, args.depth, args.d_in).parameters()]

@@ -15,8 +15,9 @@ module by its path registers what it decorates.
 
 Where names come from
 ---------------------
-* The toolkit's own classes: the modules listed in :data:`BUILTIN_MODULES` are imported the
-  first time a name of that kind is looked up (so importing this module imports nothing).
+* The toolkit's own classes: the packages listed in :data:`BUILTIN_MODULES` are imported,
+  with all their submodules, the first time a name of that kind is looked up (so importing
+  this module imports nothing, and a new module in one of those packages needs no other edit).
 * Third-party plugins: every entry point of the group ``matsciml.plugins`` is loaded at the
   first lookup. An entry point names a module (``my_plugin = my_package.matsciml_plugin``)
   whose import runs its ``register_*`` decorators. In ``pyproject.toml``::
@@ -31,6 +32,8 @@ an unknown name raises :class:`~matsciml.common.errors.ConfigError` with the clo
 from __future__ import annotations
 
 import importlib
+import logging
+import pkgutil
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -61,13 +64,16 @@ T = TypeVar("T")
 KINDS = ("task", "encoder", "dataset", "transform", "callback")
 
 #: Modules whose import registers the toolkit's own classes of each kind.
+#: A package is imported with all its submodules, so a new module in it needs no other edit.
 BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "task": ("matsciml.models.tasks",),
-    "encoder": ("matsciml.models.encoders",),
+    "encoder": ("matsciml.models",),
     "dataset": ("matsciml.datasets",),
     "transform": ("matsciml.datasets.transforms",),
     "callback": ("matsciml.lightning.callbacks",),
 }
+
+_LOG = logging.getLogger(__name__)
 
 #: Entry-point group of third-party plugins.
 PLUGIN_GROUP = "matsciml.plugins"
@@ -116,6 +122,22 @@ def import_path(path: str, where: str = "") -> Any:
 
 def _norm(name: str) -> str:
     return name.replace("_", "").replace("-", "").lower()
+
+
+def _import_with_submodules(name: str) -> None:
+    """Import module ``name`` and, when it is a package, every submodule below it.
+
+    Private modules (``_name``) are skipped; so is a submodule whose optional dependency is
+    missing (its names are then simply not registered, and a lookup lists what is).
+    """
+    module = importlib.import_module(name)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{name}."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError as err:
+            _LOG.debug("matsciml.registry: skipped %s (%s)", info.name, err)
 
 
 class Registry:
@@ -200,7 +222,7 @@ class Registry:
             return
         self._loaded.add(kind)
         for module in self._builtin.get(kind, ()):
-            importlib.import_module(module)
+            _import_with_submodules(module)
 
     # ------------------------------------------------------------------ lookups
     def names(self, kind: str, aliases: bool = False) -> list[str]:

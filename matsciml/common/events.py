@@ -15,7 +15,7 @@ Example (inside a task's ``training_step``)::
     if self.global_step == self.switch_step:
         fire_event(self.trainer, "on_stage_changed", stage=2)
 
-Callbacks guarded by :mod:`~matsciml.lightning.callbacks.isolation` have their event
+Callbacks guarded by :mod:`~matsciml.lightning.callbacks._base.isolation` have their event
 methods guarded too. This module imports nothing from the rest of matsciml's Lightning
 layer, so a task may call it without depending on any callback.
 """

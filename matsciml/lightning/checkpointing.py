@@ -25,10 +25,7 @@ Example (what the runner does)::
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,38 +36,25 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from matsciml.common.atomic import TEMPORARY_PREFIX, atomic_path, atomic_write_text
+
 __all__ = [
+    "TEMPORARY_PREFIX",
     "AtomicCheckpointIO",
     "CheckpointInfo",
     "atomic_path",
     "atomic_torch_save",
+    "atomic_write_text",
     "checkpoint_candidates",
     "find_resume_checkpoint",
     "is_temporary_file",
     "read_checkpoint_info",
 ]
 
-#: Prefix of the temporary files of :func:`atomic_torch_save`.
-TEMPORARY_PREFIX = ".partial-"
-
 
 def is_temporary_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a temporary file left by an interrupted :func:`atomic_torch_save`."""
     return Path(path).name.startswith(TEMPORARY_PREFIX)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> Path:
@@ -97,46 +81,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> 
     OSError
         Writing or renaming failed (the temporary file is removed).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
-    try:
+    with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_folder(path.parent)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name beside ``path``; when the block ends without error it is renamed to ``path``.
-
-    Any writer (``savefig``, ``ase.io.write``, ``open``) writes the temporary file, so
-    ``path`` is at every moment absent, old or complete; on an error the temporary file
-    is removed. Its name keeps the suffix of ``path`` (writers that choose a format from
-    it still do).
-
-    Example::
-
-        with atomic_path(out / "parity_energy.png") as tmp:
-            figure.savefig(tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{''.join(path.suffixes)}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return Path(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

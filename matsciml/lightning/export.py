@@ -67,7 +67,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -78,6 +77,8 @@ from torch import Tensor, nn
 
 from matsciml.common import graph as G
 from matsciml.common.errors import ConfigError, MatSciMLError, closest
+from matsciml.lightning._compat import detach_from_trainer
+from matsciml.lightning.checkpointing import atomic_path
 
 __all__ = [
     "INPUT_NAMES",
@@ -274,9 +275,7 @@ def _inference_copy(task: nn.Module, keys: list[str]) -> nn.Module:
     module.requires_grad_(False)
     if hasattr(module, "task_keys"):
         module.task_keys = list(keys)
-    if hasattr(type(module), "_jit_is_scripting"):
-        # LightningModule properties (trainer, ...) raise when not attached unless this is set
-        module._jit_is_scripting = True
+    detach_from_trainer(module)  # LightningModule properties (trainer, ...) raise when not attached
     return module
 
 
@@ -388,13 +387,6 @@ def _quiet_torch_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _atomic_target(path: Path) -> tuple[Path, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(handle)
-    return path, Path(tmp)
-
-
 def export_model(
     task: nn.Module,
     example_batch: Any,
@@ -469,19 +461,15 @@ def export_model(
         "torch_version": torch.__version__,
         **dict(extra_metadata or {}),
     }
-    target, tmp = _atomic_target(Path(path))
-    try:
-        payload = json.dumps(metadata, default=str)
+    target = Path(path)
+    payload = json.dumps(metadata, default=str)
+    with atomic_path(target, suffix=target.suffix) as tmp:
         if method == "torchscript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 torch.jit.save(artefact, str(tmp), _extra_files={METADATA_NAME: payload})
         else:
             torch.export.save(artefact, str(tmp), extra_files={METADATA_NAME: payload})
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return target
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from matsciml.common.errors import ConfigError
+from matsciml.common.plain import to_plain as _to_plain
 
 __all__ = ["DEFAULT_LOG_DIR", "make_run_dir", "write_config", "to_plain"]
 
@@ -101,13 +102,7 @@ def make_run_dir(
 
 def to_plain(value: Any) -> Any:
     """Turn a config value into plain YAML data (paths and other objects become strings)."""
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+    return _to_plain(value, other=str)
 
 
 def write_config(run_dir: str | Path, config: dict) -> Path:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import tiny_egnn_yaml
 
 from matsciml.common.errors import ConfigError
 from matsciml.runner.cli import main
@@ -20,31 +21,7 @@ N_STRUCTURES = 40
 
 TINY_MODEL = """\
 encoder_class: {class_path: matsciml.models.egnn.PLEGNNBackbone}
-encoder_kwargs:
-  embed_in_dim: 8
-  embed_hidden_dim: 8
-  embed_out_dim: 8
-  embed_depth: 1
-  embed_feat_dims: [8]
-  embed_message_dims: [8]
-  embed_position_dims: []
-  embed_edge_attributes_dim: 0
-  embed_activation: silu
-  embed_residual: true
-  embed_normalize: true
-  embed_tanh: true
-  embed_activate_last: false
-  embed_k_linears: 1
-  embed_use_attention: false
-  embed_attention_norm: sigmoid
-  readout: mean
-  node_projection_depth: 1
-  node_projection_hidden_dim: WIDTH
-  node_projection_activation: silu
-  prediction_depth: 1
-  prediction_hidden_dim: 8
-  prediction_out_dim: 1
-  prediction_activation: silu
+encoder_kwargs: ENCODER_KWARGS
 output_kwargs: {hidden_dim: 8, num_hidden: 1}
 lr: 0.01
 transforms:
@@ -52,7 +29,7 @@ transforms:
     init_args: {cutoff_radius: 3.3, adaptive_cutoff: true}
   - class_path: matsciml.datasets.transforms.PointCloudToGraphTransform
     init_args: {backend: BACKEND}
-"""
+""".replace("ENCODER_KWARGS", tiny_egnn_yaml(readout="mean", node_projection_hidden_dim="WIDTH"))
 
 
 def _write(path: Path, text: str) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_egnn_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "training_script.py"
@@ -36,31 +37,7 @@ TIMEOUT_S = 240
 
 TINY_MODEL = """\
 encoder_class: {class_path: matsciml.models.egnn.PLEGNNBackbone}
-encoder_kwargs:
-  embed_in_dim: 8
-  embed_hidden_dim: 8
-  embed_out_dim: 8
-  embed_depth: 1
-  embed_feat_dims: [8]
-  embed_message_dims: [8]
-  embed_position_dims: []
-  embed_edge_attributes_dim: 0
-  embed_activation: silu
-  embed_residual: true
-  embed_normalize: true
-  embed_tanh: true
-  embed_activate_last: false
-  embed_k_linears: 1
-  embed_use_attention: false
-  embed_attention_norm: sigmoid
-  readout: mean
-  node_projection_depth: 1
-  node_projection_hidden_dim: 8
-  node_projection_activation: silu
-  prediction_depth: 1
-  prediction_hidden_dim: 8
-  prediction_out_dim: 1
-  prediction_activation: silu
+encoder_kwargs: ENCODER_KWARGS
 output_kwargs: {hidden_dim: 16, num_hidden: 1, dropout: 0.2}
 lr: 0.01
 scheduler_kwargs:
@@ -71,7 +48,7 @@ transforms:
     init_args: {cutoff_radius: 3.3, adaptive_cutoff: true}
   - class_path: matsciml.datasets.transforms.PointCloudToGraphTransform
     init_args: {backend: pyg}
-"""
+""".replace("ENCODER_KWARGS", tiny_egnn_yaml(readout="mean"))
 
 DATASET = f"""\
 dataset: EMTAlloyDataset

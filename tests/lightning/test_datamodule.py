@@ -23,6 +23,9 @@ from matsciml.common.errors import ConfigError
 from matsciml.lightning import MatSciMLDataModule
 from matsciml.lightning.datamodule import fractional_split
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also when run as the DDP worker script
+from helpers import tiny_egnn_kwargs  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
 
@@ -408,34 +411,7 @@ def test_eval_set_smaller_than_the_world_is_read_whole_by_every_rank():
 # A small regression task on 9 devset structures split 5 / 4 over two ranks: batches of 2 give the ranks 3 and 2
 # batches (uneven inputs), and a padded sampler would count structure 0 twice.
 DDP_DEVSET, DDP_VAL_SPLIT, DDP_BATCH, DDP_VAL = 30, 0.3, 2, 9
-DDP_EGNN = {
-    "embed_in_dim": 8,
-    "embed_hidden_dim": 8,
-    "embed_out_dim": 8,
-    "embed_depth": 1,
-    "embed_feat_dims": [8],
-    "embed_message_dims": [8],
-    "embed_position_dims": [],
-    "embed_edge_attributes_dim": 0,
-    "embed_activation": "silu",
-    "embed_residual": True,
-    "embed_normalize": True,
-    "embed_tanh": True,
-    "embed_activate_last": False,
-    "embed_k_linears": 1,
-    "embed_use_attention": False,
-    "embed_attention_norm": "sigmoid",
-    "readout": "sum",
-    "node_projection_depth": 1,
-    "node_projection_hidden_dim": 8,
-    "node_projection_activation": "silu",
-    "prediction_out_dim": 1,
-    "prediction_depth": 1,
-    "prediction_hidden_dim": 8,
-    "prediction_activation": "silu",
-    "encoder_only": True,
-    "cutoff": 5.0,
-}
+DDP_EGNN = tiny_egnn_kwargs(depth=1, cutoff=5.0)
 
 
 def _ddp_datamodule() -> MatSciMLDataModule:

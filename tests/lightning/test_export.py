@@ -12,6 +12,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import tiny_egnn_kwargs
 from torch import nn
 
 from matsciml.common import graph as G
@@ -29,13 +30,6 @@ from matsciml.models.embeddings import Embeddings
 from matsciml.models.tasks.forces import ForceRegressionTask
 from matsciml.models.tasks.scalar import ScalarRegressionTask
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*encoder instance.*"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 E3NN_KWARGS = {
@@ -46,34 +40,7 @@ E3NN_KWARGS = {
     "cutoff": 5.0,
     "avg_num_neighbors": 20.0,
 }
-EGNN_KWARGS = {
-    "embed_in_dim": 8,
-    "embed_hidden_dim": 8,
-    "embed_out_dim": 8,
-    "embed_depth": 2,
-    "embed_feat_dims": [16],
-    "embed_message_dims": [16, 16],
-    "embed_position_dims": [8],
-    "embed_edge_attributes_dim": 0,
-    "embed_activation": "silu",
-    "embed_residual": True,
-    "embed_normalize": True,
-    "embed_tanh": True,
-    "embed_activate_last": False,
-    "embed_k_linears": 1,
-    "embed_use_attention": False,
-    "embed_attention_norm": "sigmoid",
-    "readout": "sum",
-    "node_projection_depth": 1,
-    "node_projection_hidden_dim": 8,
-    "node_projection_activation": "silu",
-    "prediction_out_dim": 1,
-    "prediction_depth": 1,
-    "prediction_hidden_dim": 8,
-    "prediction_activation": "silu",
-    "encoder_only": True,
-    "cutoff": 6.0,
-}
+EGNN_KWARGS = tiny_egnn_kwargs(depth=2, cutoff=6.0)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -112,7 +112,7 @@ def test_mean_loss_over_the_window(monkeypatch):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             now["t"] = 10.0 * trainer.global_step
 
-    monkeypatch.setattr("matsciml.lightning.progress.time.monotonic", lambda: now["t"])
+    monkeypatch.setattr("matsciml.lightning.callbacks.progress.time.monotonic", lambda: now["t"])
     stream = io.StringIO()
     recorder = LossRecorder()
     trainer = pl.Trainer(

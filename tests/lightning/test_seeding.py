@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_egnn_yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
@@ -95,13 +96,7 @@ def test_resume_with_dropout(tmp_path, rng_callback):
 
 MODEL = """\
 encoder_class: {class_path: matsciml.models.egnn.PLEGNNBackbone}
-encoder_kwargs:
-  {embed_in_dim: 8, embed_hidden_dim: 8, embed_out_dim: 8, embed_depth: 1, embed_feat_dims: [8],
-   embed_message_dims: [8], embed_position_dims: [], embed_edge_attributes_dim: 0, embed_activation: silu,
-   embed_residual: true, embed_normalize: true, embed_tanh: true, embed_activate_last: false, embed_k_linears: 1,
-   embed_use_attention: false, embed_attention_norm: sigmoid, readout: mean, node_projection_depth: 1,
-   node_projection_hidden_dim: 8, node_projection_activation: silu, prediction_depth: 1,
-   prediction_hidden_dim: 8, prediction_out_dim: 1, prediction_activation: silu}
+encoder_kwargs: ENCODER_KWARGS
 output_kwargs: {hidden_dim: 16, num_hidden: 1, dropout: 0.3}
 lr: 0.01
 transforms:
@@ -109,7 +104,7 @@ transforms:
     init_args: {cutoff_radius: 3.3, adaptive_cutoff: true}
   - class_path: matsciml.datasets.transforms.PointCloudToGraphTransform
     init_args: {backend: pyg}
-"""
+""".replace("ENCODER_KWARGS", tiny_egnn_yaml(readout="mean"))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from matsciml.common.graph import get_graph
 from matsciml.models.embeddings import Embeddings
 from matsciml.models.tasks import ScalarRegressionTask, TaskProtocol, compute_loss, is_task
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encoder instance")
-
 
 class MeanSpecies(nn.Module):
     """Minimal encoder: mean of per-species vectors (enough to exercise the protocol)."""

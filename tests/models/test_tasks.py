@@ -26,8 +26,6 @@ from matsciml.models.tasks.forces import energy_and_derivatives
 
 CUTOFF = 4.0
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encoder instance")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():

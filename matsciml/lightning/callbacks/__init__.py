@@ -18,6 +18,13 @@ Train-end pipeline
     :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
 Prediction writers (``trainer.predict``)
     :class:`InferenceWriter`, :class:`LeaderboardWriter` (in :mod:`matsciml.lightning.writers`).
+Batch jobs and logs
+    :class:`PreemptionCheckpoint` (resume checkpoint at a step boundary, requeue),
+    :class:`RNGStateCallback` (generator states in checkpoints), :class:`LogProgressBar`.
+
+Layout: shared helpers in ``_utils`` (no callback imports), base classes in ``_base``
+(import ``_utils`` only), one callback per module (imports ``_utils``, ``_base`` and the task
+protocol, never another callback).
 Configuration
     :func:`build_callbacks` (``class_path``/``init_args`` and ``kind`` + ``every_n_*`` styles).
 """
@@ -26,6 +33,9 @@ from __future__ import annotations
 
 import sys
 
+from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
+from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
+from matsciml.lightning.callbacks._base.train_end import TrainEndCallback
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
@@ -40,18 +50,19 @@ from matsciml.lightning.callbacks.gradients import (
     TrainingFaultError,
 )
 from matsciml.lightning.callbacks.helper import TrainingHelperCallback
-from matsciml.lightning.callbacks.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks.loss_scaling import LossScalingScheduler
 from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
-from matsciml.lightning.callbacks.periodic import PeriodicCallback
+from matsciml.lightning.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
+from matsciml.lightning.callbacks.progress import LogProgressBar
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
+from matsciml.lightning.callbacks.rng_state import RNGStateCallback
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
-from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd, TrainEndCallback
+from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
 from matsciml.lightning.writers import InferenceWriter, LeaderboardWriter
 
@@ -90,6 +101,10 @@ __all__ = [
     "MetadataLogger",
     "InferenceWriter",
     "LeaderboardWriter",
+    "PreemptionCheckpoint",
+    "TrainingPreempted",
+    "RNGStateCallback",
+    "LogProgressBar",
     "build_callbacks",
 ]
 

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_image, log_scalars
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_image, log_scalars
 
 __all__ = ["ModelAutocorrelation", "autocorrelation"]
 
@@ -81,7 +81,7 @@ class ModelAutocorrelation(Callback):
     while training moves steadily; gradients dominated by mini-batch noise give values
     near 0; a strongly negative lag-1 gradient autocorrelation means the gradient flips
     sign from step to step -- the optimizer oscillates across a valley -- and gives a
-    :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning` when the
+    :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning` when the
     mean is below ``oscillation_thres``.
 
     Only the ``buffer_size`` steps before each analysis are sampled (all steps when

@@ -20,11 +20,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._checkpoint_io import save_checkpoint_atomic
-from matsciml.lightning.callbacks.data_iterator import _all_gather_objects, run_inference
-from matsciml.lightning.callbacks.metric_check import MetricConsumer, check_metrics_logged, infer_mode, metric_value
-from matsciml.lightning.callbacks.reporting import log_scalars
-from matsciml.lightning.callbacks.stopping import _fitting, improves
+from matsciml.lightning.callbacks._utils.checkpoint_io import save_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.inference import all_gather_objects, run_inference
+from matsciml.lightning.callbacks._utils.metrics import (
+    MetricConsumer,
+    check_metrics_logged,
+    improves,
+    infer_mode,
+    is_fitting,
+    metric_value,
+)
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 
 __all__ = ["BestCheckpoint", "BestMetricTracker", "batch_metric_sums"]
 
@@ -115,7 +121,7 @@ class BestCheckpoint(MetricConsumer, ModelCheckpoint):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _fitting(trainer):
+        if is_fitting(trainer):
             self.check_consumed_metrics(trainer)
         super().on_validation_end(trainer, pl_module)
 
@@ -188,7 +194,7 @@ class BestMetricTracker(MetricConsumer, Callback):
     ``BestMetricTracker(monitor="val_loss", track=["test_loss"])`` logs
     ``test_loss_at_best_val``: the test loss of the weights that had the best validation
     loss so far. At the end of every validation during ``fit`` the callback reads
-    ``monitor``; when it improves (as in :func:`~matsciml.lightning.callbacks.stopping.improves`),
+    ``monitor``; when it improves (as in :func:`~matsciml.lightning.callbacks._utils.metrics.improves`),
     it evaluates ``dataset`` (a key of the data module's ``datasets``, default ``"test"``)
     right away and records the tracked metrics. Evaluating only at improvements costs a
     test pass per new best, never one per epoch, and needs no checkpoint to be reloaded.
@@ -335,7 +341,7 @@ class BestMetricTracker(MetricConsumer, Callback):
                 acc[0] += float(total)
                 acc[1] += float(weight)
         merged: dict[str, list[float]] = {}
-        for part in _all_gather_objects(trainer, local):
+        for part in all_gather_objects(trainer, local):
             for name, (total, weight) in part.items():
                 acc = merged.setdefault(name, [0.0, 0.0])
                 acc[0] += total
@@ -345,7 +351,7 @@ class BestMetricTracker(MetricConsumer, Callback):
     # ------------------------------------------------------------------ hook
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _fitting(trainer):
+        if not is_fitting(trainer):
             return
         self.check_consumed_metrics(trainer)
         value = metric_value(trainer.callback_metrics, self.monitor)

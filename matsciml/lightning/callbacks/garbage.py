@@ -6,16 +6,16 @@ import gc
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
+from matsciml.lightning.callbacks._base.optimizer_step import OptimizerStepCallback
 
 __all__ = ["GarbageCallback"]
 
 
-class GarbageCallback(Callback):
+class GarbageCallback(OptimizerStepCallback):
     """Call :func:`gc.collect` every ``frequency`` optimizer steps.
 
     Reference cycles (graphs of Python objects that refer to each other, e.g. through
@@ -63,26 +63,17 @@ class GarbageCallback(Callback):
 
     def __init__(self, frequency: int = 100, generation: int = 2) -> None:
         super().__init__()
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ConfigError(f"GarbageCallback: frequency={frequency!r} must be an integer >= 1 (optimizer steps)")
+        check_int(frequency, "frequency", "GarbageCallback", hint=" (optimizer steps)")
         if generation not in (0, 1, 2):
             raise ConfigError(f"GarbageCallback: generation={generation!r} must be 0, 1 or 2")
         self.frequency = frequency
         self.generation = generation
         self.collections = 0
-        self._steps = OptimizerStepWatch()
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps.reset(trainer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, step: int
     ) -> None:
-        if not self._steps.advanced(trainer):
-            return  # accumulating gradients: no optimizer step since the last call
-        step = trainer.global_step
         if step % self.frequency == 0:
             gc.collect(self.generation)
             self.collections += 1

@@ -11,8 +11,8 @@ clipping and ``optimizer.step``):
   (``grad_norm/encoder``, ``grad_norm/output_heads``, ...) and ``grad_norm/total``;
 * :class:`ManualGradientClip` clips the gradients of all parameters together.
 
-The helpers :func:`skip_optimizer_step`, :func:`batch_ids`, :func:`optimizer_parameters`
-and :func:`tensor_norms` are shared with the other monitors.
+The gradient helpers they share with the other monitors are in
+:mod:`matsciml.lightning.callbacks._utils.grads`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,103 +30,22 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.grads import (
+    TrainingFaultError,
+    batch_ids,
+    combine_norms,
+    grad_scaler,
+    ids_text,
+    optimizer_parameters,
+    skip_optimizer_step,
+    tensor_norms,
+)
+from matsciml.lightning.callbacks._utils.names import GRAD_NORM_BEFORE_CLIP, GRAD_NORM_PREFIX, GRAD_NORM_TOTAL
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
-__all__ = [
-    "GradientCheckCallback",
-    "MonitorGradients",
-    "ManualGradientClip",
-    "TrainingFaultError",
-    "skip_optimizer_step",
-    "batch_ids",
-    "optimizer_parameters",
-    "tensor_norms",
-]
-
-
-class TrainingFaultError(MatSciMLError, RuntimeError):
-    """A monitor stopped training: the message says what it saw, at which step, and what to do."""
-
-
-# ----------------------------------------------------------------------------- helpers
-def optimizer_parameters(optimizer: Optimizer) -> list[Tensor]:
-    """The parameters an optimizer steps, each once, in the order of its parameter groups."""
-    seen: set[int] = set()
-    params: list[Tensor] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
-
-
-def skip_optimizer_step(optimizer: Optimizer) -> None:
-    """Make the coming ``optimizer.step()`` leave every weight bitwise unchanged.
-
-    Sets the gradient of every parameter of ``optimizer`` to ``None``. PyTorch optimizers
-    skip parameters without a gradient entirely, so neither the gradient update nor
-    decoupled weight decay (AdamW) nor momentum moves them, and their per-parameter state
-    (Adam's moments and step count) is untouched. Zeroed gradients would not do: AdamW
-    would still decay the weights and momentum would still move them.
-    """
-    for p in optimizer_parameters(optimizer):
-        p.grad = None
-
-
-def batch_ids(batch: Any) -> list[str]:
-    """Structure ids of a batch (``batch["ids"]``), or ``[]`` when the batch has none."""
-    if isinstance(batch, Mapping):
-        ids = batch.get("ids")
-        if ids is not None and not isinstance(ids, (str, Tensor)):
-            return [str(i) for i in ids]
-    return []
-
-
-def tensor_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
-    """Norm of each tensor, as one float32 vector ``[len(tensors)]`` on the first tensor's device.
-
-    Uses one fused ``torch._foreach_norm`` per (device, dtype) group and no host-device
-    synchronisation.
-    """
-    if not tensors:
-        return torch.zeros(0)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
-    device = tensors[0].device
-    out = torch.empty(len(tensors), dtype=torch.float32, device=device)
-    for indices in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in indices], norm_type)
-        values = torch.stack(norms).to(device=device, dtype=torch.float32)
-        out[torch.tensor(indices, device=device)] = values
-    return out
-
-
-def _combine(norms: Tensor, norm_type: float) -> Tensor:
-    """Total norm from per-tensor norms."""
-    if norms.numel() == 0:
-        return norms.new_zeros(())
-    if math.isinf(norm_type):
-        return norms.max()
-    return norms.pow(norm_type).sum().pow(1.0 / norm_type)
-
-
-def _log_every(trainer: pl.Trainer) -> int:
-    return max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    plugin = getattr(trainer.strategy, "precision_plugin", None)
-    return getattr(plugin, "scaler", None)
-
-
-def _ids_text(ids: list[str], limit: int = 10) -> str:
-    if not ids:
-        return "batch ids: unknown (the batch has no 'ids')"
-    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
-    return f"batch ids: {', '.join(ids[:limit])}{more}"
+__all__ = ["GradientCheckCallback", "MonitorGradients", "ManualGradientClip", "TrainingFaultError"]
 
 
 # ----------------------------------------------------------------------------- GradientCheckCallback
@@ -141,7 +59,7 @@ class GradientCheckCallback(Callback):
     skipped: every gradient is set to ``None`` (:func:`skip_optimizer_step`), so the
     optimizer leaves the weights **bitwise unchanged**, weight decay and momentum
     included. The skip is counted, logged as the scalar ``skipped_steps`` to every logger,
-    and reported in a :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`
+    and reported in a :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`
     naming the step, the norm and the structure ids of the batch (``batch["ids"]``, every
     micro-batch of the step under gradient accumulation). Each skip is also kept in
     :attr:`skipped`. ``trainer.global_step`` and learning-rate schedulers still advance.
@@ -280,7 +198,7 @@ class GradientCheckCallback(Callback):
             self._norms.append(norm)
             self._log(trainer, step, force=False)
             return
-        if not math.isfinite(norm) and _grad_scaler(trainer) is not None:
+        if not math.isfinite(norm) and grad_scaler(trainer) is not None:
             return  # the GradScaler skips this step and lowers its scale
         skip_optimizer_step(optimizer)
         self.skipped_steps += 1
@@ -288,7 +206,7 @@ class GradientCheckCallback(Callback):
         self.skipped.append({"step": step, "norm": norm, "reason": reason, "ids": list(ids)})
         message = (
             f"GradientCheckCallback: step {step}: {reason}; the optimizer step was skipped (weights unchanged, "
-            f"{self.skipped_steps} skipped so far, logged as skipped_steps); {_ids_text(ids)}. Look at these "
+            f"{self.skipped_steps} skipped so far, logged as skipped_steps); {ids_text(ids)}. Look at these "
             "structures (ForwardNaNDetection writes offending batches), lower the learning rate or clip gradients."
         )
         self._warner.warn("skip", message, step, rank=trainer.global_rank)
@@ -315,7 +233,7 @@ class GradientCheckCallback(Callback):
         return None
 
     def _log(self, trainer: pl.Trainer, step: int, force: bool) -> None:
-        if force or step % _log_every(trainer) == 0:
+        if force or step % log_every_n_steps(trainer) == 0:
             log_scalars(trainer, {"skipped_steps": self.skipped_steps}, step=step)
 
     @override
@@ -427,7 +345,7 @@ class MonitorGradients(Callback):
         self._warner = RateLimitedWarner(min_interval_steps=100, max_per_key=5)
 
     def _period(self, trainer: pl.Trainer) -> int:
-        return self.every_n_steps if self.every_n_steps is not None else _log_every(trainer)
+        return log_every_n_steps(trainer, self.every_n_steps)
 
     @override
     def on_before_optimizer_step(
@@ -446,12 +364,12 @@ class MonitorGradients(Callback):
             groups.setdefault(_group_name(name, self.depth), []).append(index)
         keys = ["total", *groups]
         values = torch.stack(
-            [_combine(norms, self.norm_type)]
-            + [_combine(norms[torch.tensor(idx, device=norms.device)], self.norm_type) for idx in groups.values()]
+            [combine_norms(norms, self.norm_type)]
+            + [combine_norms(norms[torch.tensor(idx, device=norms.device)], self.norm_type) for idx in groups.values()]
         )
         host = torch.cat([values, norms]).tolist()  # the one sync of a logged step
         per_param = host[len(keys) :]
-        self.last = {f"grad_norm/{k}": v for k, v in zip(keys, host[: len(keys)])}
+        self.last = {f"{GRAD_NORM_PREFIX}{k}": v for k, v in zip(keys, host[: len(keys)])}
         log_scalars(trainer, self.last, step=step)
         if self.verbose:
             rank_zero_info(f"MonitorGradients step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last.items()))
@@ -468,7 +386,7 @@ class MonitorGradients(Callback):
             self._warner.warn(
                 "repeat",
                 f"MonitorGradients: step {step}: every parameter's gradient norm equals that of step {previous[0]} "
-                f"(total {self.last.get('grad_norm/total', float('nan')):.6g}); the model sees the same gradient "
+                f"(total {self.last.get(GRAD_NORM_TOTAL, float('nan')):.6g}); the model sees the same gradient "
                 "again. Check that the data loader yields new batches and that the loss depends on the inputs.",
                 step,
                 rank=trainer.global_rank,
@@ -565,7 +483,7 @@ class ManualGradientClip(Callback):
         params = [p for p in optimizer_parameters(optimizer) if p.grad is not None]
         if not params:
             return
-        log_now = self.verbose and trainer.global_step % _log_every(trainer) == 0
+        log_now = self.verbose and trainer.global_step % log_every_n_steps(trainer) == 0
         if self.algorithm == "norm":
             self.last_total_norm = nn.utils.clip_grad_norm_(params, self.value, norm_type=self.norm_type, **self.kwargs)
         else:
@@ -573,4 +491,4 @@ class ManualGradientClip(Callback):
                 self.last_total_norm = nn.utils.get_total_norm([p.grad for p in params], self.norm_type)
             nn.utils.clip_grad_value_(params, self.value, **self.kwargs)
         if log_now and self.last_total_norm is not None:
-            log_scalars(trainer, {"grad_norm/before_clip": self.last_total_norm})
+            log_scalars(trainer, {GRAD_NORM_BEFORE_CLIP: self.last_total_norm})

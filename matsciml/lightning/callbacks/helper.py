@@ -16,8 +16,8 @@ from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import batch_ids, tensor_norms
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_histogram, log_scalars
+from matsciml.lightning.callbacks._utils.grads import batch_ids, tensor_norms
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_histogram, log_scalars
 from matsciml.models.tasks.protocol import is_task
 
 __all__ = ["TrainingHelperCallback", "embedding_statistics", "fractional_coordinate_structures"]
@@ -124,8 +124,8 @@ class TrainingHelperCallback(Callback):
       mistake of upstream matsciml's OQMD loader); reported when at least half of the
       eligible structures of the batch are flagged, with their ids.
 
-    Each message is a :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`
-    issued through a :class:`~matsciml.lightning.callbacks.reporting.RateLimitedWarner`
+    Each message is a :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`
+    issued through a :class:`~matsciml.lightning.callbacks._utils.reporting.RateLimitedWarner`
     (one per kind per ``warn_interval_steps``, at most ``max_warnings`` per kind). Scalars
     logged to every logger at the check steps: ``embeddings/system_median_abs``,
     ``embeddings/system_spread``, ``embeddings/point_median_abs``,
@@ -134,7 +134,7 @@ class TrainingHelperCallback(Callback):
     ``histogram_every_n_steps`` steps, histograms ``embeddings/system``,
     ``embeddings/point`` and ``grad_norms`` (per-parameter gradient norms) go to every
     logger that takes histograms, else to ``.npz`` files in the run folder
-    (:func:`~matsciml.lightning.callbacks.reporting.log_histogram`).
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_histogram`).
 
     A ``LightningModule`` without the task protocol gets the gradient and coordinate
     checks; the callback says once that it cannot check embeddings or head weights.

@@ -15,8 +15,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import batch_ids
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.grads import batch_ids
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
 __all__ = ["LossSpikeDetection", "is_spike"]
 
@@ -47,7 +48,7 @@ class LossSpikeDetection(Callback):
     loss whose distance to their median exceeds ``k`` times their median absolute
     deviation (MAD; floored at ``1e-3 * |median|``) is a spike, once ``min_history``
     losses are known. A spike gives a
-    :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning` that names the
+    :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning` that names the
     optimizer step, the batch index, the loss, the median and MAD, and the structure ids
     of the batch (``batch["ids"]``); the running count is logged as the scalar
     ``loss_spikes`` and each spike kept in :attr:`spikes`. Non-finite losses are left to
@@ -167,7 +168,7 @@ class LossSpikeDetection(Callback):
                     self._record(trainer, value, median, mad, step, batch_idx, epoch, ids)
             self._history.append(value)
         last_step = pending[-1][1]
-        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        every = log_every_n_steps(trainer)
         if found or any(p[1] % every == 0 for p in pending):
             log_scalars(trainer, {"loss_spikes": self.loss_spikes}, step=last_step)
 

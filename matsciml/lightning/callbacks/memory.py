@@ -8,13 +8,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
-from matsciml.lightning.callbacks.reporting import log_scalars
+from matsciml.common.checks import check_int
+from matsciml.lightning.callbacks._base.optimizer_step import OptimizerStepCallback
+from matsciml.lightning.callbacks._utils.names import MEMORY_CUDA_PEAK, MEMORY_RSS, MEMORY_RSS_PEAK
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 
 __all__ = ["PeakMemoryCallback", "rss_bytes", "peak_rss_bytes", "memory_snapshot"]
 
@@ -80,20 +80,20 @@ def memory_snapshot(device: torch.device | None = None, reset_cuda_peak: bool = 
         the last reset) and ``memory/cuda_reserved_mb`` (``torch.cuda.memory_reserved``:
         held by the caching allocator now).
     """
-    out = {"memory/rss_mb": rss_bytes() / MIB, "memory/rss_peak_mb": peak_rss_bytes() / MIB}
+    out = {MEMORY_RSS: rss_bytes() / MIB, MEMORY_RSS_PEAK: peak_rss_bytes() / MIB}
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-        out["memory/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / MIB
+        out[MEMORY_CUDA_PEAK] = torch.cuda.max_memory_allocated(device) / MIB
         out["memory/cuda_reserved_mb"] = torch.cuda.memory_reserved(device) / MIB
         if reset_cuda_peak:
             torch.cuda.reset_peak_memory_stats(device)
     return out
 
 
-class PeakMemoryCallback(Callback):
+class PeakMemoryCallback(OptimizerStepCallback):
     """Log the process's resident memory and the peak CUDA memory every few steps.
 
     Every ``every_n_steps`` optimizer steps it logs, to every logger
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`), in MiB (2**20 bytes;
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`), in MiB (2**20 bytes;
     the names keep the customary ``mb``):
 
     =============================== =======================================================
@@ -147,13 +147,11 @@ class PeakMemoryCallback(Callback):
 
     def __init__(self, every_n_steps: int = 50, reset_cuda_peak: bool = True) -> None:
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"PeakMemoryCallback: every_n_steps={every_n_steps!r} must be an integer >= 1")
+        check_int(every_n_steps, "every_n_steps", "PeakMemoryCallback")
         self.every_n_steps = every_n_steps
         self.reset_cuda_peak = bool(reset_cuda_peak)
         self.peaks: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self._steps = OptimizerStepWatch()
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         values = memory_snapshot(pl_module.device, reset_cuda_peak=self.reset_cuda_peak)
@@ -172,18 +170,15 @@ class PeakMemoryCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps.reset(trainer)
+        super().on_train_start(trainer, pl_module)
         device = pl_module.device
         if self.reset_cuda_peak and device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(device)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, step: int
     ) -> None:
-        if not self._steps.advanced(trainer):
-            return  # accumulating gradients: no optimizer step since the last call
-        step = trainer.global_step
         if step % self.every_n_steps == 0:
             self._record(trainer, pl_module, step)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +19,9 @@ from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import TrainingFaultError, batch_ids, skip_optimizer_step
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars, run_folder
+from matsciml.lightning.callbacks._utils.grads import TrainingFaultError, batch_ids, skip_optimizer_step
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars, run_folder
+from matsciml.lightning.checkpointing import atomic_path, atomic_write_text
 from matsciml.models.tasks.protocol import is_task
 
 __all__ = ["ForwardNaNDetection", "write_batch_dump", "locate_nonfinite"]
@@ -143,12 +143,6 @@ def _structures(batch: Any) -> list[dict[str, Any]] | None:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_extxyz(path: Path, structures: list[dict[str, Any]]) -> None:
     from ase import Atoms
     from ase.io import write
@@ -158,9 +152,8 @@ def _write_extxyz(path: Path, structures: list[dict[str, Any]]) -> None:
         atoms = Atoms(numbers=s["atomic_numbers"], positions=s["positions"], cell=s["cell"], pbc=s["pbc"])
         atoms.info["id"] = s["id"]
         frames.append(atoms)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp, frames, format="extxyz")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp, frames, format="extxyz")
 
 
 def _other_tensors(batch: Any, prefix: str = "") -> dict[str, Any]:
@@ -206,7 +199,7 @@ def write_batch_dump(folder: str | Path, stem: str, batch: Any, record: dict[str
     else:
         record["tensors"] = _other_tensors(batch)
     path = folder / f"{stem}.json"
-    _atomic_write_text(path, _readable_json(_json_array(record)))
+    atomic_write_text(path, _readable_json(_json_array(record)))
     written.insert(0, path)
     return written
 
@@ -248,7 +241,7 @@ class ForwardNaNDetection(Callback):
        that produced it (``OnExceptionCheckpoint`` can save them);
        ``action="skip"``: skips the optimizer step (every gradient set to ``None``: the
        weights stay bitwise unchanged, weight decay and momentum included), warns with a
-       :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`, counts it
+       :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`, counts it
        (scalar ``nonfinite_batches``) and goes on. Layers with running statistics (batch
        norm) have seen the bad batch in both cases.
 

@@ -10,14 +10,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._steps import OptimizerStepWatch
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning.callbacks._base.optimizer_step import OptimizerStepCallback
+from matsciml.lightning.callbacks._utils.names import (
+    EMA_GAIN_PREFIX,
+    GRAD_NORM_PREFIX,
+    GRAD_NORM_TOTAL,
+    MEMORY_CUDA_PEAK,
+    MEMORY_RSS,
+    MEMORY_RSS_PEAK,
+    THROUGHPUT_ATOMS,
+    THROUGHPUT_GRAPHS,
+    VAL_RAW_PREFIX,
+)
+from matsciml.lightning.callbacks._utils.reporting import run_folder
+from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
+from matsciml.lightning.checkpointing import atomic_path
 
 __all__ = ["TrainingDynamicsReport", "PANEL_TITLES"]
 
@@ -39,7 +52,7 @@ class _MetricTap(Logger):
     """A logger that hands every scalar it receives to the report (it writes nothing).
 
     Monitors send their scalars straight to the loggers
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`), outside
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`), outside
     ``trainer.callback_metrics``; listening as one more logger sees them whatever the
     other loggers are.
     """
@@ -90,7 +103,7 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-class TrainingDynamicsReport(Callback):
+class TrainingDynamicsReport(OptimizerStepCallback):
     """Write a one-page figure of how training went, ``training_dynamics.png``, at the end of ``fit``.
 
     Six panels against the optimizer step:
@@ -136,7 +149,7 @@ class TrainingDynamicsReport(Callback):
       so a run that fails still leaves its figure;
     * ``state_dict`` / ``load_state_dict``: the recorded series.
 
-    The run folder is :func:`~matsciml.lightning.callbacks.reporting.run_folder`: the
+    The run folder is :func:`~matsciml.lightning.callbacks._utils.reporting.run_folder`: the
     first logger's ``log_dir``, else ``trainer.default_root_dir``.
 
     Parameters
@@ -179,10 +192,7 @@ class TrainingDynamicsReport(Callback):
         super().__init__()
         if not isinstance(filename, str) or not filename.lower().endswith(".png") or os.sep in filename:
             raise ConfigError(f"TrainingDynamicsReport: filename={filename!r} must be a file name ending in .png")
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ConfigError(f"TrainingDynamicsReport: every_n_steps={every_n_steps!r} must be an integer >= 1")
+        check_int(every_n_steps, "every_n_steps", "TrainingDynamicsReport", optional=True)
         self.filename = filename
         self.every_n_steps = every_n_steps
         self.dpi = int(dpi)
@@ -191,7 +201,6 @@ class TrainingDynamicsReport(Callback):
         self.panel_titles: tuple[str, ...] = ()
         self._tap: _MetricTap | None = None
         self._had_loggers = False
-        self._steps = OptimizerStepWatch()
         self._epochs = 0
         self._title = ""
 
@@ -226,17 +235,10 @@ class TrainingDynamicsReport(Callback):
         self._attach(trainer)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps.reset(trainer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_optimizer_step_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, step: int
     ) -> None:
-        if not self._steps.advanced(trainer):
-            return  # accumulating gradients: no optimizer step since the last call
-        step = trainer.global_step
-        every = self.every_n_steps or max(1, int(trainer.log_every_n_steps or 1))
+        every = log_every_n_steps(trainer, self.every_n_steps)
         if step % every != 0 and step != 1:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -256,7 +258,7 @@ class TrainingDynamicsReport(Callback):
         if trainer.sanity_checking:
             return
         for name, value in trainer.callback_metrics.items():
-            if name.startswith(("val_", "ema_gain_")):
+            if name.startswith(("val_", EMA_GAIN_PREFIX)):
                 self._add(name, trainer.global_step, value)
 
     @override
@@ -308,18 +310,13 @@ class TrainingDynamicsReport(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         figure = self.make_figure(title)
         FigureCanvasAgg(figure)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
         metadata = {
             "Title": self._title,
             "Description": "panels: " + "; ".join(self.panel_titles),
             "Software": "matsciml TrainingDynamicsReport",
         }
-        try:
+        with atomic_path(path, suffix=".png") as tmp:
             figure.savefig(tmp, format="png", dpi=self.dpi, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         self.path = path
         return path
 
@@ -380,7 +377,7 @@ class TrainingDynamicsReport(Callback):
             values += y
         for name, label, color in (
             ("val_loss" if "val_loss" in self.series else "val_total", "validation", "tab:orange"),
-            ("val_raw_total", "validation, raw weights", "tab:green"),
+            (VAL_RAW_PREFIX + "total", "validation, raw weights", "tab:green"),
         ):
             values += self._plot(ax, [name], [label], color=color)
         if values:
@@ -403,10 +400,10 @@ class TrainingDynamicsReport(Callback):
 
         # 3. gradient norms
         ax = axes[2]
-        names = self._names("grad_norm/")
+        names = self._names(GRAD_NORM_PREFIX)
         if len(names) > _MAX_GRAD_LINES:  # keep the total and the largest groups
-            rest = sorted((n for n in names if n != "grad_norm/total"), key=lambda n: -max(self._xy(n)[1]))
-            names = (["grad_norm/total"] if "grad_norm/total" in names else []) + rest
+            rest = sorted((n for n in names if n != GRAD_NORM_TOTAL), key=lambda n: -max(self._xy(n)[1]))
+            names = ([GRAD_NORM_TOTAL] if GRAD_NORM_TOTAL in names else []) + rest
             names = names[:_MAX_GRAD_LINES]
         values = self._plot(ax, names, [n.split("/", 1)[1] for n in names])
         if values:
@@ -418,12 +415,12 @@ class TrainingDynamicsReport(Callback):
 
         # 4. EMA gain
         ax = axes[3]
-        names = self._names("ema_gain_")
-        labels = [n[len("ema_gain_") :] for n in names]
-        if len(names) == 2 and "ema_gain_total" in names:  # one task key: its gain and the total coincide
-            key = next(n for n in names if n != "ema_gain_total")
-            if self._xy(key) == self._xy("ema_gain_total"):
-                names, labels = ["ema_gain_total"], [f"total (= {key[len('ema_gain_') :]})"]
+        names = self._names(EMA_GAIN_PREFIX)
+        labels = [n[len(EMA_GAIN_PREFIX) :] for n in names]
+        if len(names) == 2 and EMA_GAIN_PREFIX + "total" in names:  # one task key: its gain and the total coincide
+            key = next(n for n in names if n != EMA_GAIN_PREFIX + "total")
+            if self._xy(key) == self._xy(EMA_GAIN_PREFIX + "total"):
+                names, labels = [EMA_GAIN_PREFIX + "total"], [f"total (= {key[len(EMA_GAIN_PREFIX) :]})"]
         values = self._plot(ax, names, labels)
         if values:
             ax.set_title(PANEL_TITLES[3], fontsize=11)
@@ -438,12 +435,12 @@ class TrainingDynamicsReport(Callback):
 
         # 5. throughput
         ax = axes[4]
-        values = self._plot(ax, ["throughput/graphs_per_s"], ["structures / s"], color="tab:green")
+        values = self._plot(ax, [THROUGHPUT_GRAPHS], ["structures / s"], color="tab:green")
         if values:
             ax.set_title(PANEL_TITLES[4], fontsize=11)
             ax.set_ylabel("structures per second")
             ax.set_ylim(bottom=0)
-            x, atoms = self._xy("throughput/atoms_per_s")
+            x, atoms = self._xy(THROUGHPUT_ATOMS)
             if x:
                 twin = ax.twinx()
                 twin.plot(x, atoms, color="tab:purple", linestyle=":", label="atoms / s")
@@ -456,16 +453,16 @@ class TrainingDynamicsReport(Callback):
 
         # 6. memory
         ax = axes[5]
-        names = [n for n in ("memory/rss_mb", "memory/rss_peak_mb", "memory/cuda_peak_mb") if n in self.series]
+        names = [n for n in (MEMORY_RSS, MEMORY_RSS_PEAK, MEMORY_CUDA_PEAK) if n in self.series]
         labels = {
-            "memory/rss_mb": "host RSS",
-            "memory/rss_peak_mb": "host RSS, peak so far",
-            "memory/cuda_peak_mb": "CUDA peak allocated",
+            MEMORY_RSS: "host RSS",
+            MEMORY_RSS_PEAK: "host RSS, peak so far",
+            MEMORY_CUDA_PEAK: "CUDA peak allocated",
         }
         styles = {
-            "memory/rss_mb": {"color": "tab:blue"},
-            "memory/rss_peak_mb": {"color": "tab:blue", "linestyle": "--", "alpha": 0.6},
-            "memory/cuda_peak_mb": {"color": "tab:red"},
+            MEMORY_RSS: {"color": "tab:blue"},
+            MEMORY_RSS_PEAK: {"color": "tab:blue", "linestyle": "--", "alpha": 0.6},
+            MEMORY_CUDA_PEAK: {"color": "tab:red"},
         }
         values = []
         for name in names:

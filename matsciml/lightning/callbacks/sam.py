@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging as pylogging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,14 +17,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._sam_math import (
+from matsciml.lightning._compat import forward_redirection, mark_scaler_step_skipped, silenced_logging
+from matsciml.lightning.callbacks._utils.grads import grad_scaler, optimizer_parameters, skip_optimizer_step
+from matsciml.lightning.callbacks._utils.sam_math import (
     DEFAULT_EPS,
     WeightBackup,
     all_finite,
     global_norm,
     perturb_,
 )
+from matsciml.models.tasks.protocol import loss_of
 
 __all__ = ["SAM"]
 
@@ -34,35 +37,14 @@ _LOG = pylogging.getLogger(__name__)
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def _noop_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _silenced_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``module.log`` / ``module.log_dict`` into no-ops (the second pass must not log its loss)."""
-    previous = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    for name in previous:
-        object.__setattr__(module, name, _noop_log)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                object.__setattr__(module, name, value)
-
-
 def _loss_of(output: Any, where: str) -> Tensor | None:
     """The loss tensor of a ``training_step`` / ``compute_losses`` output (Tensor, mapping with "loss", None)."""
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) and "loss" in output:
-        return output["loss"]
-    raise ConfigError(
-        f"SAM: {where} returned {type(output).__name__}; it must return a loss tensor or a mapping with a 'loss' key"
-    )
+    loss = loss_of(output)
+    if loss is None and output is not None:
+        raise ConfigError(
+            f"SAM: {where} returned {type(output).__name__}; it must return a loss tensor or a mapping with a 'loss' key"
+        )
+    return loss
 
 
 class SAM(Callback):
@@ -171,10 +153,7 @@ class SAM(Callback):
             raise ConfigError(
                 f"SAM: give skip_step_count ({skip_step_count!r}) or skip_epoch_count ({skip_epoch_count!r}), not both"
             )
-        if skip_step_count is not None and (
-            isinstance(skip_step_count, bool) or not isinstance(skip_step_count, int) or skip_step_count < 0
-        ):
-            raise ConfigError(f"SAM: skip_step_count={skip_step_count!r} must be a non-negative int or None")
+        check_int(skip_step_count, "skip_step_count", "SAM", minimum=0, optional=True)
         if skip_epoch_count is not None:
             ok_int = isinstance(skip_epoch_count, int) and not isinstance(skip_epoch_count, bool)
             ok_int = ok_int and skip_epoch_count >= 0
@@ -184,8 +163,7 @@ class SAM(Callback):
                     f"SAM: skip_epoch_count={skip_epoch_count!r} must be a non-negative int (epochs) or a float in "
                     "(0, 1) (fraction of max_epochs)"
                 )
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"SAM: every_n_steps={every_n_steps!r} must be an int >= 1")
+        check_int(every_n_steps, "every_n_steps", "SAM")
         level = log_level.upper() if isinstance(log_level, str) else log_level
         if level not in _LEVELS:
             raise ConfigError(f"SAM: log_level={log_level!r} must be one of {', '.join(_LEVELS)}")
@@ -228,7 +206,7 @@ class SAM(Callback):
             )
         if getattr(strategy, "handles_gradient_accumulation", False):
             raise ConfigError(f"SAM: strategy {type(strategy).__name__} accumulates gradients itself; not supported")
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(trainer)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             raise ConfigError(
                 f"SAM with precision='16-mixed' needs an optimizer that Lightning unscales before the step; "
@@ -277,7 +255,7 @@ class SAM(Callback):
         window, self._window = self._window, []
         if not window or not self._is_sam_step(trainer):
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for p in optimizer_parameters(optimizer) if p.grad is not None]
         if not params:
             return
         grads = [p.grad for p in params]
@@ -321,7 +299,7 @@ class SAM(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, window: list[tuple[Any, int]], optimizer: Optimizer
     ) -> Tensor | None:
         """Loss and gradient at the perturbed weights over the window; returns the gradient norm (None: no loss)."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(trainer)
         accumulate = trainer.accumulate_grad_batches
         wrapper = trainer.strategy.model
         for i, (batch, batch_idx) in enumerate(window):
@@ -337,7 +315,7 @@ class SAM(Callback):
                     loss = scaler.scale(loss)
                 pl_module.backward(loss)
         # every gradient of the optimizer's parameters is now from this pass (the others were None before it)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in optimizer_parameters(optimizer) if p.grad is not None]
         if scaler is not None and grads:
             # Lightning unscaled the first gradients before this hook (the scaler's stage is UNSCALED, so
             # scaler.step will not unscale again): unscale the second ones here with the same scale.
@@ -348,7 +326,7 @@ class SAM(Callback):
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
         strategy = trainer.strategy
         wrapped = strategy.model is not None and strategy.model is not pl_module
-        redirect = getattr(strategy, "_forward_redirection", None)
+        redirect = forward_redirection(strategy)
         if self._use_protocol and (not wrapped or redirect is not None):
             with strategy.precision_plugin.train_step_context():
                 if wrapped:
@@ -357,25 +335,16 @@ class SAM(Callback):
                 else:
                     out = pl_module.compute_losses(batch)
             return _loss_of(out, f"{type(pl_module).__name__}.compute_losses")
-        with _silenced_logging(pl_module):
+        with silenced_logging(pl_module):
             out = strategy.training_step(batch, batch_idx)
         return _loss_of(out, f"{type(pl_module).__name__}.training_step")
 
     def _skip_step(self, trainer: pl.Trainer, optimizer: Optimizer, why: str) -> None:
         """Make the coming optimizer step a no-op: no gradients, and the GradScaler told to skip and back off."""
         self.skipped_steps += 1
-        devices = set()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    devices.add(p.grad.device)
-                p.grad = None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if scaler is not None and states is not None:
-            found = states[id(optimizer)].setdefault("found_inf_per_device", {})
-            for device in devices or {torch.device("cpu")}:
-                found[device] = torch.ones((), dtype=torch.float32, device=device)
+        devices = {p.grad.device for p in optimizer_parameters(optimizer) if p.grad is not None}
+        skip_optimizer_step(optimizer)
+        mark_scaler_step_skipped(grad_scaler(trainer), optimizer, devices)
         message = (
             f"SAM: {why} in the sharpness-aware step at global step {trainer.global_step}; the optimizer step is "
             f"skipped (weights unchanged, {self.skipped_steps} skipped so far, logged as sam_skipped_steps)"

@@ -23,16 +23,16 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks._checkpoint_io import checkpoint_dir, save_checkpoint_atomic
-from matsciml.lightning.callbacks.metric_check import MetricConsumer, infer_mode, metric_value
-from matsciml.lightning.callbacks.periodic import IntervalType, PeriodicCallback, check_period
+from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, check_period
+from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, improves, infer_mode, is_fitting, metric_value
+from matsciml.models.tasks.protocol import loss_of
 
 __all__ = [
     "MetricEarlyStopping",
@@ -51,25 +51,6 @@ class NonFiniteError(MatSciMLError, FloatingPointError):
 def stop_checkpoint_path(trainer: pl.Trainer) -> Any:
     """``<run>/checkpoints/stop-step<global_step>.ckpt``."""
     return checkpoint_dir(trainer) / f"stop-step{trainer.global_step}.ckpt"
-
-
-def _fitting(trainer: pl.Trainer) -> bool:
-    return getattr(trainer.state, "fn", None) == TrainerFn.FITTING and not trainer.sanity_checking
-
-
-def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0, min_delta_mode: str = "abs") -> bool:
-    """Whether ``value`` improves on ``best`` by more than the threshold.
-
-    ``delta = min_delta`` (``"abs"``) or ``min_delta * |best|`` (``"rel"``); for ``"min"``
-    an improvement is ``value < best - delta``, for ``"max"`` ``value > best + delta``. A
-    non-finite ``value`` never improves; anything finite improves on ``best=None``.
-    """
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    delta = min_delta if min_delta_mode == "abs" else min_delta * abs(best)
-    return value < best - delta if mode == "min" else value > best + delta
 
 
 class MetricEarlyStopping(MetricConsumer, Callback):
@@ -139,8 +120,7 @@ class MetricEarlyStopping(MetricConsumer, Callback):
         name = type(self).__name__
         if not isinstance(monitor, str) or not monitor:
             raise ConfigError(f"{name}: monitor={monitor!r} must be the name of a logged metric")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"{name}: patience={patience!r} must be an integer >= 1 (checks without improvement)")
+        check_int(patience, "patience", name, hint=" (checks without improvement)")
         if not float(min_delta) >= 0.0:
             raise ConfigError(f"{name}: min_delta={min_delta!r} must be >= 0")
         if min_delta_mode not in ("abs", "rel"):
@@ -188,7 +168,7 @@ class MetricEarlyStopping(MetricConsumer, Callback):
         self.stopped_step = state_dict.get("stopped_step")
 
     def _check(self, trainer: pl.Trainer, where: str) -> None:
-        if not _fitting(trainer):
+        if not is_fitting(trainer):
             return
         self.check_consumed_metrics(trainer, where)
         value = metric_value(trainer.callback_metrics, self.monitor)
@@ -235,7 +215,7 @@ def _stop(trainer: pl.Trainer, owner: Any, reason: str, save: bool) -> None:
 class FixedBudgetStopping(PeriodicCallback):
     """Stop after a fixed number of epochs, optimizer updates or training samples.
 
-    The count is that of :class:`~matsciml.lightning.callbacks.periodic.PeriodicCallback`
+    The count is that of :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`
     (samples on all ranks together, epochs counted by the callback, updates =
     ``trainer.global_step``): the run stops after the batch (or epoch) at which the count
     reaches the budget, and ``<run>/checkpoints/stop-step<k>.ckpt`` is written. A run
@@ -257,7 +237,7 @@ class FixedBudgetStopping(PeriodicCallback):
     save_checkpoint
         Write the stop checkpoint (default ``True``).
     on_error
-        See :class:`~matsciml.lightning.callbacks.isolation.IsolatedCallback`.
+        See :class:`~matsciml.lightning.callbacks._base.isolation.IsolatedCallback`.
 
     Raises
     ------
@@ -326,14 +306,6 @@ class FixedBudgetStopping(PeriodicCallback):
             f"{trainer.global_step} (epoch {trainer.current_epoch}); stopping"
         )
         _stop(trainer, self, reason, self.save_checkpoint)
-
-
-def _loss_of(outputs: Any) -> torch.Tensor | None:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
-        return outputs["loss"]
-    return None
 
 
 class TerminateOnNaN(MetricConsumer, Callback):
@@ -437,7 +409,7 @@ class TerminateOnNaN(MetricConsumer, Callback):
     ) -> None:
         if not self.check_loss or self.stopped_step is not None:
             return
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         value = float(loss.detach().float().cpu()) if loss is not None and loss.numel() == 1 else None
         bad = value is not None and not math.isfinite(value)
         if self._decide(trainer, bad):
@@ -456,13 +428,13 @@ class TerminateOnNaN(MetricConsumer, Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor or not _fitting(trainer) or self.stopped_step is not None:
+        if not self.monitor or not is_fitting(trainer) or self.stopped_step is not None:
             return
         self.check_consumed_metrics(trainer)
         self._check_metrics(trainer, self.monitor)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor or not _fitting(trainer) or self.stopped_step is not None:
+        if not self.monitor or not is_fitting(trainer) or self.stopped_step is not None:
             return
         self._check_metrics(trainer, [n for n in self.monitor if n in trainer.callback_metrics])

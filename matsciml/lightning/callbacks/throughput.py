@@ -15,8 +15,10 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from matsciml.common import graph as graph_ops
-from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.common.checks import check_int
+from matsciml.lightning.callbacks._utils.names import THROUGHPUT_GRAPHS, THROUGHPUT_PREFIX
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.checkpointing import atomic_write_text
 
 __all__ = ["ThroughputCallback", "batch_counts"]
 
@@ -83,7 +85,7 @@ class ThroughputCallback(Callback):
     Every training batch is timed with :func:`time.perf_counter` at four points and
     counted from tensor shapes (:func:`batch_counts`); every ``every_n_steps`` optimizer
     steps the window since the last record is summarised and logged to every logger
-    (:func:`~matsciml.lightning.callbacks.reporting.log_scalars`):
+    (:func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars`):
 
     ============================== =========================================================
     ``throughput/graphs_per_s``    structures per second over the window, all ranks
@@ -163,12 +165,8 @@ class ThroughputCallback(Callback):
         self, log_dir: str | os.PathLike | None = None, batch_size: int | None = None, every_n_steps: int = 50
     ) -> None:
         super().__init__()
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"ThroughputCallback: every_n_steps={every_n_steps!r} must be an integer >= 1")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ConfigError(f"ThroughputCallback: batch_size={batch_size!r} must be a positive integer or null")
+        check_int(every_n_steps, "every_n_steps", "ThroughputCallback")
+        check_int(batch_size, "batch_size", "ThroughputCallback", optional=True)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps
@@ -196,7 +194,7 @@ class ThroughputCallback(Callback):
             self._warner.warn(
                 "graphs",
                 "ThroughputCallback: the batch carries no 'natoms' or graph; pass batch_size=... to get "
-                "throughput/graphs_per_s",
+                + THROUGHPUT_GRAPHS,
                 step,
             )
 
@@ -263,7 +261,7 @@ class ThroughputCallback(Callback):
         if elapsed > 0:
             for name, count in zip(("graphs", "atoms", "edges"), counts):
                 if not math.isnan(count):
-                    record[f"{name}_per_s"] = metrics[f"throughput/{name}_per_s"] = count / elapsed
+                    record[f"{name}_per_s"] = metrics[f"{THROUGHPUT_PREFIX}{name}_per_s"] = count / elapsed
         if self._batches:
             for name, total in zip(("data_s", "forward_backward_s", "optimizer_s"), self._times):
                 record[name] = metrics[f"time/{name}"] = total / self._batches
@@ -279,8 +277,4 @@ class ThroughputCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_dir is None or not trainer.is_global_zero:
             return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        path = self.log_dir / "throughput.json"
-        tmp = self.log_dir / f".throughput.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.history, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(self.log_dir / "throughput.json", json.dumps(self.history, indent=1))

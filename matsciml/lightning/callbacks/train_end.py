@@ -38,294 +38,29 @@ Under a multi-process strategy every rank runs the test; files are written by ra
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
 import tarfile
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning._compat import preserved_trainer_state
+from matsciml.lightning.callbacks._base.train_end import (
+    TrainEndCallback,
+    TrainEndContext,
+    load_checkpoint_weights,
+)
+from matsciml.lightning.callbacks._utils.run_metadata import collect_metadata, find_config
+from matsciml.lightning.checkpointing import atomic_path
 
-__all__ = [
-    "CHECKPOINT_PREFERENCES",
-    "CheckpointChoice",
-    "TrainEndContext",
-    "TrainEndCallback",
-    "TestOnTrainEnd",
-    "ExportOnTrainEnd",
-    "ArchiveOnTrainEnd",
-    "checkpoint_records",
-    "find_checkpoints",
-    "run_train_end_pipeline",
-    "example_batch",
-    "write_archive",
-    "choose_checkpoint",
-]
-
-#: Values of ``preferred_checkpoint``.
-CHECKPOINT_PREFERENCES = ("metric", "loss")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-@dataclass
-class CheckpointChoice:
-    """The checkpoint a stage uses.
-
-    Attributes
-    ----------
-    path
-        The file, or ``None`` for the weights in memory.
-    kind
-        ``"metric"``, ``"loss"``, ``"last"`` or ``"current"`` (in memory).
-    monitor, score
-        The monitored quantity and its best value (``None`` for ``"last"``/``"current"``).
-    fallback
-        Why the preferred checkpoint was not used (``None`` when it was).
-    """
-
-    path: Path | None
-    kind: str
-    monitor: str | None = None
-    score: float | None = None
-    fallback: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data (for JSON)."""
-        return {
-            "path": None if self.path is None else str(self.path),
-            "kind": self.kind,
-            "monitor": self.monitor,
-            "score": self.score,
-            "fallback": self.fallback,
-        }
-
-
-def _score(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value.item() if isinstance(value, torch.Tensor) else value)
-    except (TypeError, ValueError):
-        return None
-
-
-def checkpoint_records(trainer: pl.Trainer) -> list[dict[str, Any]]:
-    """What the trainer's ``ModelCheckpoint`` callbacks hold now (``monitor``, best and last paths, best score)."""
-    return [
-        {
-            "monitor": cb.monitor,
-            "best_model_path": cb.best_model_path,
-            "best_model_score": _score(cb.best_model_score),
-            "last_model_path": cb.last_model_path,
-        }
-        for cb in trainer.callbacks
-        if isinstance(cb, ModelCheckpoint)
-    ]
-
-
-def find_checkpoints(
-    source: pl.Trainer | list[dict[str, Any]], loss_monitor: str = "val_loss"
-) -> dict[str, CheckpointChoice]:
-    """The checkpoints on disk, by kind.
-
-    Parameters
-    ----------
-    source
-        A trainer, or :func:`checkpoint_records` taken earlier.
-    loss_monitor
-        The monitor whose best checkpoint is ``"loss"``.
-
-    Returns
-    -------
-    dict
-        Some of ``"metric"``, ``"loss"``, ``"last"`` (only those whose file exists).
-    """
-    records = checkpoint_records(source) if isinstance(source, pl.Trainer) else source
-    found: dict[str, CheckpointChoice] = {}
-
-    def exists(path: Any) -> bool:
-        return bool(path) and Path(path).is_file()
-
-    for rec in records:
-        if rec["monitor"] is None or not exists(rec["best_model_path"]):
-            continue
-        path, score = Path(rec["best_model_path"]), rec["best_model_score"]
-        found.setdefault("metric", CheckpointChoice(path, "metric", rec["monitor"], score))
-        if rec["monitor"] == loss_monitor:
-            found.setdefault("loss", CheckpointChoice(path, "loss", rec["monitor"], score))
-    for rec in records:
-        if exists(rec["last_model_path"]):
-            found.setdefault("last", CheckpointChoice(Path(rec["last_model_path"]), "last"))
-    for rec in records:
-        if rec["monitor"] is None and exists(rec["best_model_path"]):
-            found.setdefault("last", CheckpointChoice(Path(rec["best_model_path"]), "last"))
-    return found
-
-
-def choose_checkpoint(found: dict[str, CheckpointChoice], preferred: str, who: str = "") -> CheckpointChoice:
-    """``found[preferred]``, else the last checkpoint, else the weights in memory (warning for each fallback)."""
-    if preferred in found:
-        return found[preferred]
-    what = {"metric": "no ModelCheckpoint with a monitor saved a checkpoint",
-            "loss": "no ModelCheckpoint monitors the validation loss"}[preferred]  # fmt: skip
-    prefix = f"{who}: " if who else ""
-    if "last" in found:
-        reason = f"preferred_checkpoint={preferred!r} but {what}; using the last checkpoint {found['last'].path}"
-        rank_zero_warn(prefix + reason)
-        last = found["last"]
-        return CheckpointChoice(last.path, "last", fallback=reason)
-    reason = (
-        f"preferred_checkpoint={preferred!r} but {what}, and there is no last checkpoint; using the weights in memory"
-    )
-    rank_zero_warn(prefix + reason)
-    return CheckpointChoice(None, "current", fallback=reason)
-
-
-def _check_preference(value: str, name: str) -> str:
-    if value not in CHECKPOINT_PREFERENCES:
-        raise ConfigError(f"{name}: preferred_checkpoint={value!r}; {closest(str(value), CHECKPOINT_PREFERENCES)}")
-    return value
-
-
-def _load_weights(pl_module: pl.LightningModule, choice: CheckpointChoice) -> pl.LightningModule:
-    """A CPU copy of ``pl_module`` holding the weights of ``choice`` (the module itself is not changed)."""
-    module = copy.deepcopy(pl_module).cpu()  # LightningModule pickling leaves the trainer out
-    if choice.path is not None:
-        checkpoint = torch.load(choice.path, map_location="cpu", weights_only=True)
-        module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
-
-
-# ----------------------------------------------------------------------------- pipeline
-@dataclass
-class TrainEndContext:
-    """What the stages of one train-end run share.
-
-    Attributes
-    ----------
-    run_dir
-        The run folder (:func:`~matsciml.lightning.callbacks.reporting.run_folder`).
-    checkpoints
-        :func:`checkpoint_records` at the start of the pipeline (before testing, which
-        reloads the checkpoint callbacks' state).
-    used
-        ``{stage name: CheckpointChoice}`` of the checkpoint each stage used.
-    test_metrics
-        The metrics of :class:`TestOnTrainEnd` (``{"test_loss": ..., ...}``).
-    export_path, archive_path, metadata_path
-        Files written by the stages (``None`` when not run).
-    export_info
-        Metadata of the export (method, mode, outputs).
-    errors
-        ``{stage name: "ExceptionType: message"}`` of the stages that failed.
-    """
-
-    run_dir: Path
-    checkpoints: list[dict[str, Any]]
-    used: dict[str, CheckpointChoice] = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    export_path: Path | None = None
-    export_info: dict[str, Any] = field(default_factory=dict)
-    archive_path: Path | None = None
-    metadata_path: Path | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data (for metadata JSON)."""
-        return {
-            "checkpoints": {name: choice.as_dict() for name, choice in self.used.items()},
-            "test_metrics": dict(self.test_metrics),
-            "export": None if self.export_path is None else {"path": str(self.export_path), **self.export_info},
-            "archive": None if self.archive_path is None else str(self.archive_path),
-            "errors": dict(self.errors),
-        }
-
-
-class TrainEndCallback(Callback):
-    """Base of the train-end stages: they run once, in ``on_fit_end``, sorted by :attr:`order`.
-
-    Subclasses set :attr:`order` and implement :meth:`run_train_end`. See the module
-    docstring for the pipeline and the checkpoint choice.
-
-    Hooks it acts in: ``on_fit_end`` (the first pipeline callback in
-    ``trainer.callbacks`` runs all of them).
-
-    Parameters
-    ----------
-    preferred_checkpoint
-        ``"metric"`` (default) or ``"loss"``.
-    loss_monitor
-        Name of the logged validation loss, default ``"val_loss"``.
-
-    Raises
-    ------
-    ConfigError
-        Unknown ``preferred_checkpoint``.
-    """
-
-    #: Position in the pipeline (lower runs first).
-    order: ClassVar[int] = 100
-
-    def __init__(self, preferred_checkpoint: str = "metric", loss_monitor: str = "val_loss") -> None:
-        super().__init__()
-        self.preferred_checkpoint = _check_preference(preferred_checkpoint, type(self).__name__)
-        self.loss_monitor = str(loss_monitor)
-        #: The context of the last pipeline run (``None`` before).
-        self.context: TrainEndContext | None = None
-
-    @property
-    def stage_name(self) -> str:
-        """Name of the stage in messages and in ``context.used`` / ``context.errors``."""
-        return type(self).__name__
-
-    def checkpoint(self, context: TrainEndContext) -> CheckpointChoice:
-        """The checkpoint this stage uses (recorded in ``context.used``)."""
-        found = find_checkpoints(context.checkpoints, self.loss_monitor)
-        choice = choose_checkpoint(found, self.preferred_checkpoint, self.stage_name)
-        context.used[self.stage_name] = choice
-        return choice
-
-    def run_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TrainEndContext) -> None:
-        """Do this stage's work (called on every rank)."""
-        raise NotImplementedError
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        members = [cb for cb in trainer.callbacks if isinstance(cb, TrainEndCallback)]
-        if not members or members[0] is not self:
-            return
-        run_train_end_pipeline(trainer, pl_module, members)
-
-
-def run_train_end_pipeline(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, members: list[TrainEndCallback]
-) -> TrainEndContext:
-    """Run ``members`` in ``order`` with one shared :class:`TrainEndContext` and return it."""
-    context = TrainEndContext(run_dir=run_folder(trainer), checkpoints=checkpoint_records(trainer))
-    for member in sorted(members, key=lambda m: m.order):
-        member.context = context
-        try:
-            member.run_train_end(trainer, pl_module, context)
-        except Exception as err:  # noqa: BLE001 - one failing stage must not stop the others
-            context.errors[member.stage_name] = f"{type(err).__name__}: {err}"
-            rank_zero_warn(
-                f"{member.stage_name} failed at the end of training: {type(err).__name__}: {err}\n"
-                + "".join(traceback.format_exception(err)[-3:])
-            )
-    return context
+__all__ = ["TestOnTrainEnd", "ExportOnTrainEnd", "ArchiveOnTrainEnd", "example_batch", "write_archive"]
 
 
 # ----------------------------------------------------------------------------- test
@@ -388,19 +123,13 @@ class TestOnTrainEnd(TrainEndCallback):
             rank_zero_warn(f"{self.stage_name}: nothing to test (no data module with a test set); skipped")
             return
         choice = self.checkpoint(context)
-        saved_state = (trainer.state.fn, trainer.state.status, trainer.state.stage)
-        saved_ckpt = [(cb, dict(vars(cb))) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
-        try:
+        with preserved_trainer_state(trainer):
             output = trainer.test(
                 pl_module,
                 datamodule=datamodule,
                 ckpt_path=None if choice.path is None else str(choice.path),
                 verbose=self.verbose,
             )
-        finally:
-            trainer.state.fn, trainer.state.status, trainer.state.stage = saved_state
-            for cb, attributes in saved_ckpt:
-                vars(cb).update(attributes)
         metrics: dict[str, float] = {}
         for results in output or []:
             metrics.update({k: float(v) for k, v in results.items()})
@@ -514,7 +243,7 @@ class ExportOnTrainEnd(TrainEndCallback):
         batch = example_batch(trainer)
         if batch is None:
             raise ConfigError(f"{self.stage_name}: no data to take an example batch from (no data module or loaders)")
-        module = _load_weights(pl_module, choice)
+        module = load_checkpoint_weights(pl_module, choice)
         methods = [self.method] + ([m for m in ("torchscript", "export") if m != self.method] if self.fallback else [])
         failures = []
         for method in methods:
@@ -644,8 +373,6 @@ class ArchiveOnTrainEnd(TrainEndCallback):
 
     @override
     def run_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: TrainEndContext) -> None:
-        from matsciml.lightning.callbacks.metadata import MetadataLogger, collect_metadata, find_config
-
         choice = self.checkpoint(context)
         if not trainer.is_global_zero:
             return
@@ -653,12 +380,10 @@ class ArchiveOnTrainEnd(TrainEndCallback):
         name = self.filename or f"{context.run_dir.resolve().name or 'run'}.tar.gz"
         target = folder / name
         config = self.config_path if self.config_path is not None else find_config(trainer)
-        logger = next((cb for cb in trainer.callbacks if isinstance(cb, MetadataLogger)), None)
         context.archive_path = target
-        if logger is not None:
-            metadata = logger.collect(trainer, pl_module, context)
-        else:
-            metadata = collect_metadata(trainer, pl_module, config_path=config, context=context)
+        # the same keys and config as the metadata stage's metadata.json, when there is one
+        source = context.metadata_config if context.metadata_config is not None else config
+        metadata = collect_metadata(trainer, pl_module, context.metadata_keys, source, context)
         metadata["archived_checkpoint"] = choice.as_dict()
         members: list[tuple[str, Path | bytes]] = []
         if choice.path is not None:
@@ -682,23 +407,14 @@ def write_archive(path: str | os.PathLike, members: list[tuple[str, Path | bytes
         A member file does not exist.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        with tarfile.open(tmp, "w:gz") as archive:
-            for name, source in members:
-                if isinstance(source, bytes):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(source)
-                    info.mtime = int(time.time())
-                    info.mode = 0o644
-                    archive.addfile(info, io.BytesIO(source))
-                else:
-                    archive.add(str(source), arcname=name, recursive=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as archive:
+        for name, source in members:
+            if isinstance(source, bytes):
+                info = tarfile.TarInfo(name)
+                info.size = len(source)
+                info.mtime = int(time.time())
+                info.mode = 0o644
+                archive.addfile(info, io.BytesIO(source))
+            else:
+                archive.add(str(source), arcname=name, recursive=False)
     return path

@@ -9,8 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.gradients import tensor_norms
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner, log_scalars
+from matsciml.lightning.callbacks._utils.grads import tensor_norms
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 
 __all__ = ["UnusedParametersCallback"]
 
@@ -31,7 +31,7 @@ class UnusedParametersCallback(Callback):
     autograd graph: an unused branch, a detached tensor, a head whose key is not in the
     loss) and, with ``check_zero_gradients``, those whose gradient is exactly zero (dead
     activations, an output multiplied by zero). Each name is reported in one
-    :class:`~matsciml.lightning.callbacks.reporting.TrainingDynamicsWarning`, the first
+    :class:`~matsciml.lightning.callbacks._utils.reporting.TrainingDynamicsWarning`, the first
     time it is seen, never again (the record survives checkpoint resume). The number of
     parameters without a gradient at the last check is logged as ``unused_parameters``.
 

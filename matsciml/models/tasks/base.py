@@ -34,6 +34,7 @@ from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
 from matsciml.models.tasks.optim import with_schedulers
 from matsciml.models.tasks.transfer import TransferMixin
+from matsciml.registry import lookup
 
 __all__ = ["BaseTaskModule", "to_plain"]
 
@@ -129,21 +130,7 @@ def to_plain(value: Any, strict: bool = False, where: str = "") -> Any:
 # ----------------------------------------------------------------------------- encoders
 def _encoder_class(name: Any, where: str) -> Any:
     """Resolve an encoder class: a class, a dotted path, or a registered encoder name."""
-    if not isinstance(name, str):
-        return name
-    if "." in name:
-        return resolve_class(name, where)
-    try:
-        from matsciml.models.encoders import get_encoder_class
-    except ImportError:
-        get_encoder_class = None
-    if get_encoder_class is not None:
-        return get_encoder_class(name)
-    import matsciml.models as models
-
-    if hasattr(models, name):
-        return getattr(models, name)
-    raise ConfigError(f"{where}: unknown encoder {name!r}; give its import path, e.g. 'matsciml.models.PLEGNNBackbone'")
+    return lookup("encoder", name, where)
 
 
 class BaseTaskModule(TransferMixin, pl.LightningModule):

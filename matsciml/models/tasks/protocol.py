@@ -66,12 +66,13 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["TaskProtocol", "is_task", "compute_loss"]
+__all__ = ["TaskProtocol", "is_task", "compute_loss", "loss_of"]
 
 
 @runtime_checkable
@@ -123,11 +124,23 @@ def compute_loss(module: Any, batch: Any, batch_idx: int = 0) -> torch.Tensor:
     if callable(compute):
         return compute(batch)["loss"]
     out = module.training_step(batch, batch_idx)
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
-        return out["loss"]
-    raise TypeError(
-        f"{type(module).__name__}.training_step returned {type(out).__name__}; a loss Tensor or a dict with "
-        "'loss' is needed (implement compute_losses(batch) to follow the task protocol)"
-    )
+    loss = loss_of(out)
+    if loss is None:
+        raise TypeError(
+            f"{type(module).__name__}.training_step returned {type(out).__name__}; a loss Tensor or a dict with "
+            "'loss' is needed (implement compute_losses(batch) to follow the task protocol)"
+        )
+    return loss
+
+
+def loss_of(output: Any) -> torch.Tensor | None:
+    """The loss tensor in a ``training_step`` or ``compute_losses`` output, or ``None``.
+
+    ``output`` is a tensor (returned as is), a mapping whose ``"loss"`` is a tensor, or
+    anything else (``None`` returned: no loss to read, e.g. manual optimisation).
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"]
+    return None

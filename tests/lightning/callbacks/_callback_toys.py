@@ -3,35 +3,23 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from matsciml.lightning.datamodule import MatSciMLDataModule
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for the DDP worker scripts too
+from helpers import make_trainer  # noqa: E402, F401 - re-exported for the callback tests
+
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-
-FILTERS = [
-    "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning",
-    "ignore:.*does not have many workers.*",
-    "ignore:.*LeafSpec.*:DeprecationWarning",
-    "ignore:.*treespec.*",
-    "ignore:.*The dirpath has changed.*",
-    "ignore:.*there is no last checkpoint available.*",
-    "ignore:.*Checkpoint directory .* exists and is not empty.*",
-    "ignore:.*val_dataloader.*",
-    "ignore:.*is not a valid.*",
-    "ignore:.*You are trying to `self.log\\(\\)`.*",
-    "ignore:.*GPU available but not used.*",
-    "ignore:.*Total length of .* across ranks is zero.*",
-    "ignore:.*callbacks used to create the checkpoint need to be provided.*",
-]
 
 
 class ToyDataset(Dataset):
@@ -108,19 +96,3 @@ class ToyTask(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def make_trainer(root, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-        default_root_dir=str(root),
-        num_sanity_val_steps=0,
-        max_epochs=2,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **options)

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
+from matsciml.lightning.callbacks._base.periodic import PeriodicCallback  # noqa: E402
 from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback  # noqa: E402
-from matsciml.lightning.callbacks.periodic import PeriodicCallback  # noqa: E402
 
 N, TEST_FRACTION, BATCH = 29, 0.31, 2  # 9 test structures: one padded repeat on two ranks
 

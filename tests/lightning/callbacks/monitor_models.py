@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch_geometric.data import Batch, Data
 
 from matsciml.common.graph import get_graph
-from matsciml.lightning.callbacks.reporting import TrainingDynamicsWarning
+from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 from matsciml.models.embeddings import Embeddings
 
 DATA = Path(__file__).resolve().parents[2] / "data"

@@ -21,9 +21,7 @@ from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 VALUES = [3.0, 1.0, 2.0, 0.5, 0.7, 0.6, 0.9]
 

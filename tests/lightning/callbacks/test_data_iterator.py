@@ -19,19 +19,13 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.data_iterator import (
-    PeriodicDataIteratorCallback,
-    combine_samples,
-    shard_indices,
-    split_per_sample,
-)
+from matsciml.lightning.callbacks._utils.inference import combine_samples, shard_indices, split_per_sample
+from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _callback_toys import FILTERS, ToyDataset, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyDataset, ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 
 def oracle_predictions(net: torch.nn.Module, dataset) -> tuple[list[str], torch.Tensor]:
@@ -140,7 +134,7 @@ def test_bad_process_data_is_reported_with_the_callback_name(tmp_path):
         def process_data(self, batch, predictions):
             return torch.zeros(1)
 
-    from matsciml.lightning.callbacks.isolation import CallbackError
+    from matsciml.lightning.callbacks._base.isolation import CallbackError
 
     trainer = make_trainer(tmp_path, [Bad("test", every_n_updates=1, batch_size=2)], max_steps=2)
     with pytest.raises(CallbackError, match=r"Bad\.on_train_batch_end .*first dimension 2"):

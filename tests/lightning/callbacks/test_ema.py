@@ -17,16 +17,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch_ema
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
+from helpers import make_trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from torch import nn
 
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks import _ema_math
+from matsciml.lightning.callbacks._utils import ema_math as _ema_math
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 
 HERE = Path(__file__).resolve().parent
@@ -35,15 +35,6 @@ sys.path.insert(0, str(HERE))
 
 from ema_ddp_script import FixedBatches, StatefulBatches, TinyRegressor, make_batches, task_batches  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*Lazy modules are a new feature.*"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*there is no last checkpoint available.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 KEY = "ExponentialMovingAverageCallback"
@@ -63,20 +54,6 @@ def _one_thread():
 
 
 # ---------------------------------------------------------------------------- helpers
-def make_trainer(root, callbacks, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-        default_root_dir=str(root),
-        num_sanity_val_steps=0,
-        max_epochs=2,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

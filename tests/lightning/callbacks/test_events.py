@@ -9,13 +9,11 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
 from matsciml.lightning.callbacks.events import event_receivers, fire_event
-from matsciml.lightning.callbacks.isolation import IsolatedCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 LOG: list[tuple[str, str, dict]] = []
 

@@ -14,11 +14,6 @@ from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import garbage
 from matsciml.lightning.callbacks.garbage import GarbageCallback
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

@@ -44,10 +44,6 @@ from monitor_models import (  # noqa: E402
     trainer,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

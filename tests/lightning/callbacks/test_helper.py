@@ -20,12 +20,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 from matsciml.lightning.callbacks.helper import (
     TrainingHelperCallback,
     embedding_statistics,
     fractional_coordinate_structures,
 )
-from matsciml.lightning.callbacks.reporting import TrainingDynamicsWarning
 from matsciml.models.tasks import ScalarRegressionTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,11 +44,6 @@ from monitor_models import (  # noqa: E402
     structure,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*encoder instance.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

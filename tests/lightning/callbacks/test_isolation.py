@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.isolation import (
+from matsciml.lightning.callbacks._base.isolation import (
     CallbackError,
     CallbackFailureWarning,
     IsolatedCallback,
@@ -20,9 +20,7 @@ from matsciml.lightning.callbacks.isolation import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 
 class RaiseAtStep(IsolatedCallback):

@@ -28,12 +28,6 @@ from matsciml.lightning.loss_scaling import LinearScalingSchedule, SigmoidScalin
 from matsciml.models.base import ScalarRegressionTask
 from matsciml.models.embeddings import Embeddings
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-    pytest.mark.filterwarnings("ignore:.*encoder instance.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

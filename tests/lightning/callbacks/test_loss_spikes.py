@@ -25,10 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from monitor_models import TinyTask, column, fit, make_batches, read_csv  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 SPIKE = 25

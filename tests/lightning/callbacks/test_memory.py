@@ -18,11 +18,6 @@ from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import memory
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback, memory_snapshot, peak_rss_bytes, rss_bytes
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 MIB = 2**20

@@ -23,21 +23,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.metadata import (
-    MetadataLogger,
+from matsciml.lightning.callbacks._utils.run_metadata import (
     collect_metadata,
     flatten,
     git_commit,
     library_versions,
     lookup,
 )
+from matsciml.lightning.callbacks.metadata import MetadataLogger
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*exists and is not empty.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 REPO = Path(__file__).resolve().parents[3]
 

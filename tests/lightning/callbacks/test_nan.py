@@ -19,18 +19,14 @@ import torch
 from ase.io import read
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.reporting import TrainingDynamicsWarning
 from matsciml.lightning.callbacks.gradients import TrainingFaultError
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection, locate_nonfinite, write_batch_dump
-from matsciml.lightning.callbacks.reporting import TrainingDynamicsWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from monitor_models import PlainModule, TinyTask, WeightRecorder, fit, loader, make_batch, make_batches, trainer  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 STEP = 3

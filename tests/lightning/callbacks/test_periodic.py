@@ -10,12 +10,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.periodic import PeriodicCallback, check_period, infer_batch_size
+from matsciml.lightning.callbacks._base.periodic import PeriodicCallback, check_period, infer_batch_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 
 class Recorder(PeriodicCallback):

@@ -14,17 +14,11 @@ from PIL import Image
 from torch import nn
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.reporting import log_scalars
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.report import PANEL_TITLES, TrainingDynamicsReport
-from matsciml.lightning.callbacks.reporting import log_scalars
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists and is not empty.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 

@@ -25,17 +25,9 @@ from torch import nn
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
 from matsciml.common.graph import edge_index, edge_vectors, get_graph, graph_index, num_graphs
-from matsciml.lightning.callbacks import _sam_math
+from matsciml.lightning.callbacks._utils import sam_math as _sam_math
 from matsciml.lightning.callbacks.sam import SAM
 from matsciml.models.embeddings import Embeddings
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*got an encoder instance.*"),
-    pytest.mark.filterwarnings("ignore:.*torch.jit.script.*is deprecated:DeprecationWarning"),
-]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]

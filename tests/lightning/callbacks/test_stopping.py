@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.metric_check import infer_mode
+from matsciml.lightning.callbacks._utils.metrics import infer_mode
 from matsciml.lightning.callbacks.stopping import (
     FixedBudgetStopping,
     MetricEarlyStopping,
@@ -24,9 +24,7 @@ from matsciml.lightning.callbacks.stopping import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callback_toys import FILTERS, ToyTask, make_datamodule, make_trainer  # noqa: E402
-
-pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
+from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
 
 
 def expected_stop_epoch(values, patience, min_delta, rel=False, higher=False):

@@ -19,11 +19,6 @@ from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import throughput
 from matsciml.lightning.callbacks.throughput import ThroughputCallback, batch_counts
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 # structures per batch, atoms per structure and edges per structure of the synthetic batches

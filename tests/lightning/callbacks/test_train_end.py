@@ -16,61 +16,24 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import tiny_egnn_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import train_end
+from matsciml.lightning.callbacks._base.train_end import TrainEndCallback, choose_checkpoint, find_checkpoints
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
-from matsciml.lightning.callbacks.train_end import (
-    ArchiveOnTrainEnd,
-    ExportOnTrainEnd,
-    TrainEndCallback,
-    choose_checkpoint,
-    find_checkpoints,
-)
+from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd
 from matsciml.lightning.datamodule import MatSciMLDataModule
 from matsciml.lightning.export import load_exported
 from matsciml.models.tasks.scalar import ScalarRegressionTask
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*treespec.*"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 TARGET = "energy_per_atom"
-EGNN_KWARGS = {
-    "embed_in_dim": 8,
-    "embed_hidden_dim": 8,
-    "embed_out_dim": 8,
-    "embed_depth": 2,
-    "embed_feat_dims": [16],
-    "embed_message_dims": [16, 16],
-    "embed_position_dims": [8],
-    "embed_edge_attributes_dim": 0,
-    "embed_activation": "silu",
-    "embed_residual": True,
-    "embed_normalize": True,
-    "embed_tanh": True,
-    "embed_activate_last": False,
-    "embed_k_linears": 1,
-    "embed_use_attention": False,
-    "embed_attention_norm": "sigmoid",
-    "readout": "sum",
-    "node_projection_depth": 1,
-    "node_projection_hidden_dim": 8,
-    "node_projection_activation": "silu",
-    "prediction_out_dim": 1,
-    "prediction_depth": 1,
-    "prediction_hidden_dim": 8,
-    "prediction_activation": "silu",
-    "encoder_only": True,
-    "cutoff": 6.0,
-}
+EGNN_KWARGS = tiny_egnn_kwargs(depth=2, cutoff=6.0)
 
 
 class Probe(TrainEndCallback):
@@ -335,7 +298,7 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
 
 def test_export_falls_back_to_the_other_method(run, tmp_path):
     """method='export' fails on PLEGNNBackbone today; the stage then writes the TorchScript file."""
-    from matsciml.lightning.callbacks.train_end import TrainEndContext, checkpoint_records
+    from matsciml.lightning.callbacks._base.train_end import TrainEndContext, checkpoint_records
 
     trainer = run["trainer"]
     stage = ExportOnTrainEnd(method="export", preferred_checkpoint="loss", dirpath=tmp_path)

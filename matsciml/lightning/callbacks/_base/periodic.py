@@ -23,8 +23,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
+from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.isolation import IsolatedCallback
+from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
 
 __all__ = ["PeriodicCallback", "IntervalType", "infer_batch_size", "check_period"]
 
@@ -72,8 +73,7 @@ def check_period(owner: str, **periods: int | None) -> tuple[str, int]:
         what = "none" if not given else ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise ConfigError(f"{owner}: give exactly one of {names} (got {what})")
     ((name, value),) = given.items()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}: {name}={value!r} must be an integer >= 1")
+    check_int(value, name, owner)
     return name, value
 
 
@@ -83,8 +83,8 @@ class PeriodicCallback(IsolatedCallback):
     Subclasses override :meth:`track` (every training batch) and/or :meth:`periodic`
     (once per period); both are no-ops here. A subclass that overrides one of the hooks
     below calls ``super()`` in it. Both methods run on every rank (use ``rank_zero_*``
-    helpers or :func:`~matsciml.lightning.callbacks.reporting.log_scalars` to report), and
-    hooks are guarded by :class:`~matsciml.lightning.callbacks.isolation.IsolatedCallback`.
+    helpers or :func:`~matsciml.lightning.callbacks._utils.reporting.log_scalars` to report), and
+    hooks are guarded by :class:`~matsciml.lightning.callbacks._base.isolation.IsolatedCallback`.
 
     Counting:
 
@@ -135,7 +135,7 @@ class PeriodicCallback(IsolatedCallback):
         Optional label added to :attr:`state_key` (to tell apart two instances with the
         same class and period).
     on_error, error_checkpoint
-        See :class:`~matsciml.lightning.callbacks.isolation.IsolatedCallback` (default
+        See :class:`~matsciml.lightning.callbacks._base.isolation.IsolatedCallback` (default
         ``"stop"``, ``True``).
 
     Raises

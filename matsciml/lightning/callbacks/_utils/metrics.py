@@ -11,16 +11,27 @@ the closest names.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from matsciml.common.errors import ConfigError, closest
 
-__all__ = ["check_metrics_logged", "infer_mode", "metric_value", "MetricConsumer", "MIN_WORDS", "MAX_WORDS"]
+__all__ = [
+    "check_metrics_logged",
+    "infer_mode",
+    "metric_value",
+    "MetricConsumer",
+    "MIN_WORDS",
+    "MAX_WORDS",
+    "improves",
+    "is_fitting",
+]
 
 #: Name tokens of metrics where lower is better.
 MIN_WORDS = frozenset({"loss", "mae", "mse", "rmse", "error", "err", "mape", "nll"})
@@ -136,3 +147,23 @@ class MetricConsumer:
             return
         check_metrics_logged(trainer.callback_metrics, self.consumed_metrics(), self._consumer_name(), where)
         self._metrics_checked = True
+
+
+def is_fitting(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` is fitting (not in the sanity check, not in a nested test)."""
+    return getattr(trainer.state, "fn", None) == TrainerFn.FITTING and not trainer.sanity_checking
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0, min_delta_mode: str = "abs") -> bool:
+    """Whether ``value`` improves on ``best`` by more than the threshold.
+
+    ``delta = min_delta`` (``"abs"``) or ``min_delta * |best|`` (``"rel"``); for ``"min"``
+    an improvement is ``value < best - delta``, for ``"max"`` ``value > best + delta``. A
+    non-finite ``value`` never improves; anything finite improves on ``best=None``.
+    """
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    delta = min_delta if min_delta_mode == "abs" else min_delta * abs(best)
+    return value < best - delta if mode == "min" else value > best + delta

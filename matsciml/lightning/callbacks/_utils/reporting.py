@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from matsciml.lightning.checkpointing import atomic_path
+
 __all__ = [
     "run_folder",
     "log_scalars",
@@ -110,9 +112,8 @@ def log_image(trainer: Any, name: str, figure: Any, step: int | None = None) -> 
     path = out / f"{name.replace('/', '_')}_step{step}.png"
     import matplotlib.pyplot as plt  # noqa: PLC0415 - keep matplotlib off the import path
 
-    tmp = path.with_suffix(f".tmp{os.getpid()}.png")
-    plt.imsave(tmp, image)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        plt.imsave(tmp, image)
     return [path]
 
 
@@ -138,10 +139,8 @@ def log_histogram(trainer: Any, name: str, values: torch.Tensor, step: int | Non
     out = run_folder(trainer) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name.replace('/', '_')}_step{step}.npz"
-    tmp = out / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, counts=counts, edges=edges)
-    os.replace(tmp, path)
     return [path]
 
 

@@ -40,8 +40,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from matsciml.common.errors import ConfigError, MatSciMLError
-from matsciml.lightning.callbacks._checkpoint_io import checkpoint_dir, save_local_checkpoint_atomic
-from matsciml.lightning.callbacks.reporting import RateLimitedWarner
+from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_local_checkpoint_atomic
+from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner
 
 __all__ = [
     "IsolatedCallback",

@@ -1,10 +1,24 @@
-"""Telling optimizer steps from micro-batches in ``on_train_batch_end``."""
+"""Optimizer steps: telling them from micro-batches, and how often to log."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OptimizerStepWatch"]
+__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "OptimizerStepWatch", "log_every_n_steps"]
+
+#: Logging cadence when neither the callback nor the trainer sets one (Lightning's default).
+DEFAULT_LOG_EVERY_N_STEPS = 50
+
+
+def log_every_n_steps(trainer: Any, every_n_steps: int | None = None) -> int:
+    """How many optimizer steps lie between two logged values.
+
+    ``every_n_steps`` when given, else ``trainer.log_every_n_steps``, else
+    :data:`DEFAULT_LOG_EVERY_N_STEPS`; never below 1.
+    """
+    if every_n_steps is not None:
+        return max(1, int(every_n_steps))
+    return max(1, int(getattr(trainer, "log_every_n_steps", None) or DEFAULT_LOG_EVERY_N_STEPS))
 
 
 class OptimizerStepWatch:

@@ -8,14 +8,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from matsciml.lightning.callbacks.reporting import run_folder
+from matsciml.lightning._compat import dump_checkpoint
+from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.checkpointing import TEMPORARY_PREFIX, atomic_torch_save
 
 __all__ = ["checkpoint_dir", "save_checkpoint_atomic", "save_local_checkpoint_atomic"]
 
 
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
-    """``<run folder>/checkpoints`` (see :func:`~matsciml.lightning.callbacks.reporting.run_folder`)."""
+    """``<run folder>/checkpoints`` (see :func:`~matsciml.lightning.callbacks._utils.reporting.run_folder`)."""
     return run_folder(trainer) / "checkpoints"
 
 
@@ -75,5 +76,5 @@ def save_local_checkpoint_atomic(trainer: pl.Trainer, path: str | os.PathLike) -
         ``path``.
     """
     # the trainer's own checkpoint content; Trainer.save_checkpoint would add a barrier
-    checkpoint: dict[str, Any] = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    checkpoint: dict[str, Any] = dump_checkpoint(trainer, weights_only=False)
     return atomic_torch_save(checkpoint, path)

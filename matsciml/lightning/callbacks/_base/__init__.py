@@ -1,0 +1,9 @@
+"""Base classes of the callbacks: the middle layer of :mod:`matsciml.lightning.callbacks`.
+
+:class:`~.isolation.IsolatedCallback` (a failing callback does not end the run),
+:class:`~.periodic.PeriodicCallback` (work every N steps or epochs) and
+:class:`~.optimizer_step.OptimizerStepCallback` (acts once per optimizer step) and
+:class:`~.train_end.TrainEndCallback` (one stage of the train-end pipeline, sharing a
+:class:`~.train_end.TrainEndContext` with the others). They import only
+:mod:`matsciml.lightning.callbacks._utils`.
+"""
