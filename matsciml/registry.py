@@ -127,8 +127,9 @@ def _norm(name: str) -> str:
 def _import_with_submodules(name: str) -> None:
     """Import module ``name`` and, when it is a package, every submodule below it.
 
-    Private modules (``_name``) are skipped; so is a submodule whose optional dependency is
-    missing (its names are then simply not registered, and a lookup lists what is).
+    Private modules (``_name``) are skipped; so is a submodule whose optional third-party
+    dependency is missing (its names are then simply not registered, and a lookup lists
+    what is). Any other import error inside the package is raised: it is a bug to see.
     """
     module = importlib.import_module(name)
     for info in pkgutil.walk_packages(getattr(module, "__path__", []), prefix=f"{name}."):
@@ -136,7 +137,9 @@ def _import_with_submodules(name: str) -> None:
             continue
         try:
             importlib.import_module(info.name)
-        except ImportError as err:
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] == "matsciml":
+                raise  # a broken import inside the package is a bug to show, not an optional extra
             _LOG.debug("matsciml.registry: skipped %s (%s)", info.name, err)
 
 

@@ -42,9 +42,10 @@ from torch import nn
 
 from matsciml.common.config import is_spec
 from matsciml.common.errors import ConfigError, DataError, closest
-from matsciml.models.tasks.base import BaseTaskModule, _class_path, to_plain
+from matsciml.models.tasks.base import BaseTaskModule
 from matsciml.models.tasks.metrics import TaskMetrics
 from matsciml.models.tasks.optim import with_schedulers
+from matsciml.models.tasks.plain import _class_path, to_plain
 from matsciml.registry import register_task
 
 __all__ = ["MultiTaskLitModule", "RESERVED_BATCH_KEYS"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from matsciml.models.tasks.plain import to_plain
+
 __all__ = ["TransferMixin", "CHECKPOINT_KEY"]
 
 #: Key of the inference metadata in a checkpoint.
@@ -45,8 +47,6 @@ class TransferMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the task class and the data transforms for inference."""
-        from matsciml.models.tasks.base import to_plain
-
         cls = type(self)
         checkpoint[CHECKPOINT_KEY] = {
             "task_class": f"{cls.__module__}.{cls.__qualname__}",
