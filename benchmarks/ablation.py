@@ -160,10 +160,13 @@ class Run:
     epochs: int = 10
     decay: float = EMA_DEFAULTS["decay"]
     rho: float = SAM_DEFAULTS["rho"]
+    limit_batches: int | None = None
 
     @property
     def run_id(self) -> str:
         parts = [self.dataset, self.variant.replace("+", "_"), self.lr_policy, f"e{self.epochs}"]
+        if self.limit_batches:
+            parts.append(f"b{self.limit_batches}")
         if "ema" in self.variant:
             parts.append(f"d{self.decay:g}")
         if "sam" in self.variant:
@@ -172,22 +175,32 @@ class Run:
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """Every run of the study, main comparison first (so that a stopped study has its core)."""
+    """Every run of the study: main comparison first, then regimes, then the sweep (a stopped study keeps its core)."""
     runs = [
-        Run("main", d, v, s, "cosine", args.epochs * DATASETS[d].epoch_factor)
+        Run("main", d, v, s, "cosine", args.epochs * DATASETS[d].epoch_factor, limit_batches=args.limit_batches)
         for d in args.datasets
         for s in args.seeds
         for v in VARIANTS
     ]
     if args.quick or "devset" not in args.datasets:
         return runs
-    if not args.no_sweep:
-        for s in args.seeds:
-            runs += [Run("sweep", "devset", "ema", s, "cosine", args.epochs, decay=d) for d in SWEEP_DECAYS]
-            runs += [Run("sweep", "devset", "sam", s, "cosine", args.epochs, rho=r) for r in SWEEP_RHOS]
     if not args.no_regimes:
         for policy, epochs in (("constant", args.epochs), ("cosine", 2 * args.epochs), ("constant", 2 * args.epochs)):
-            runs += [Run("regime", "devset", v, s, policy, epochs) for s in args.seeds for v in ("plain", "ema")]
+            runs += [
+                Run("regime", "devset", v, s, policy, epochs, limit_batches=args.limit_batches)
+                for s in args.seeds
+                for v in ("plain", "ema")
+            ]
+    if not args.no_sweep:
+        for s in args.seeds:
+            runs += [
+                Run("sweep", "devset", "ema", s, "cosine", args.epochs, decay=d, limit_batches=args.limit_batches)
+                for d in SWEEP_DECAYS
+            ]
+            runs += [
+                Run("sweep", "devset", "sam", s, "cosine", args.epochs, rho=r, limit_batches=args.limit_batches)
+                for r in SWEEP_RHOS
+            ]
     return runs
 
 
@@ -203,7 +216,7 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def _configs(run: Run, out: Path, limit_batches: int | None) -> tuple[Path, Path, Path, Path]:
+def _configs(run: Run, out: Path) -> tuple[Path, Path, Path, Path]:
     """Write the experiment, trainer, model-folder and dataset-folder configs of ``run``."""
     spec = DATASETS[run.dataset]
     folder = out / "configs" / f"{run.dataset}-{run.lr_policy}-e{run.epochs}"
@@ -262,8 +275,8 @@ def _configs(run: Run, out: Path, limit_batches: int | None) -> tuple[Path, Path
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    if limit_batches:
-        generic["limit_train_batches"] = limit_batches
+    if run.limit_batches:
+        generic["limit_train_batches"] = run.limit_batches
     trainer = {
         "generic": generic,
         "experiment": {"accelerator": "cpu", "devices": 1},
@@ -292,7 +305,7 @@ def _epoch_rows(metrics_csv: Path) -> dict[int, dict[str, float]]:
     return epochs
 
 
-def execute(run: Run, out: Path, limit_batches: int | None) -> dict[str, Any]:
+def execute(run: Run, out: Path) -> dict[str, Any]:
     """Train ``run``, evaluate its best checkpoint on the test split, and return its result record."""
     from matsciml.runner.experiment import run_experiment
     from matsciml.runner.summary import mean_predictor_mae, model_mae
@@ -301,11 +314,13 @@ def execute(run: Run, out: Path, limit_batches: int | None) -> dict[str, Any]:
     run_dir = out / "runs" / run.run_id
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished earlier attempt: start it again
-    exp, trainer, models, datasets = _configs(run, out, limit_batches)
+    exp, trainer, models, datasets = _configs(run, out)
     _quiet()
     wall, cpu = time.perf_counter(), time.process_time()
     result = run_experiment(exp, trainer, models, datasets, seed=run.seed, run_dir=run_dir)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if result.preempted is not None:  # SIGTERM: the runner stopped training; this run is redone next time
+        raise SystemExit(f"stopped during {run.run_id}; run the same command again to continue")
     dm, task = result.datamodule, result.task  # the task holds the best checkpoint (EMA weights for EMA runs)
     test = model_mae(task, dm.eval_dataloader("test"), list(spec.targets))
     epochs = _epoch_rows(result.metrics_csv)
@@ -340,7 +355,7 @@ def execute(run: Run, out: Path, limit_batches: int | None) -> dict[str, Any]:
     }
 
 
-def readable(name: str, limit_batches: int | None) -> str | None:
+def readable(name: str) -> str | None:
     """``None`` when data set ``name`` can be read, else the reason (one line)."""
     spec = DATASETS[name]
     if spec.inline is None:
@@ -396,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     _quiet()
     skipped: dict[str, str] = {}
     for name in list(args.datasets):
-        reason = readable(name, args.limit_batches)
+        reason = readable(name)
         if reason is not None:
             skipped[name] = reason
             args.datasets.remove(name)
@@ -407,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for i, run in enumerate(todo, 1):
         t0 = time.perf_counter()
-        record = execute(run, out, args.limit_batches)
+        record = execute(run, out)
         _atomic_write(out / "runs" / run.run_id / "result.json", json.dumps(record, indent=1))
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(todo) - i)

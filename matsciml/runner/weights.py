@@ -28,23 +28,16 @@ import torch
 
 from matsciml.common.errors import ConfigError
 
-__all__ = ["load_weights", "read_state_dict"]
+__all__ = ["load_weights", "read_raw_weights", "read_state_dict"]
 
 
-def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[str, torch.Tensor]:
-    """Read the model ``state_dict`` of a Lightning checkpoint (or a bare state-dict file).
-
-    Raises
-    ------
-    ConfigError
-        The file is missing, is not a checkpoint, or holds pickled objects that a
-        ``weights_only`` load refuses.
-    """
+def _read_checkpoint(path: str | Path, where: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear line for every failure."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{where}: checkpoint file {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -56,12 +49,46 @@ def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[
         raise ConfigError(
             f"{where}: cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {err})"
         ) from None
+
+
+def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[str, torch.Tensor]:
+    """Read the model ``state_dict`` of a Lightning checkpoint (or a bare state-dict file).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not a checkpoint, or holds pickled objects that a
+        ``weights_only`` load refuses.
+    """
+    ckpt = _read_checkpoint(path, where)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(
             f"{where}: {path} holds no state dict (expected a Lightning checkpoint or a saved state_dict)"
         )
     return state
+
+
+def read_raw_weights(path: str | Path, where: str = "checkpoint") -> dict[str, torch.Tensor] | None:
+    """The raw (trained, not averaged) weights saved in a checkpoint of an EMA run, or ``None``.
+
+    A checkpoint written with
+    :class:`~matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback` holds the
+    EMA weights in ``state_dict`` and the raw ones in its callback state (``"raw"``: name
+    -> tensor, the first name of each distinct tensor). ``None`` when the checkpoint has
+    no such state (a run without EMA).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`read_state_dict`.
+    """
+    ckpt = _read_checkpoint(path, where)
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
+    for state in (callbacks or {}).values():
+        if isinstance(state, dict) and state.get("format") == "matsciml.ema" and isinstance(state.get("raw"), dict):
+            return dict(state["raw"])
+    return None
 
 
 def _mismatch(missing: list[str], unexpected: list[str]) -> str:
