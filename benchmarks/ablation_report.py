@@ -107,7 +107,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 def _mean_std(values: list[float]) -> str:
     if not values:
-        return "-"
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3g}"
     return f"{statistics.fmean(values):.3g} ± {statistics.stdev(values):.2g}"
@@ -137,7 +137,54 @@ def _paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]], column:
     return [r[column] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
 
 
-def _main_section(rows: list[dict[str, Any]], out: io.StringIO) -> None:
+class Doc:
+    """Headings, paragraphs and tables, rendered as Markdown (``ablation.md``) or reStructuredText (``.inc``)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def heading(self, level: int, text: str) -> None:
+        self.blocks.append(("heading", level, text))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("para", text))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", header, rows))
+
+    def markdown(self) -> str:
+        out = []
+        for block in self.blocks:
+            if block[0] == "heading":
+                out.append("#" * block[1] + " " + block[2])
+            elif block[0] == "para":
+                out.append(block[1])
+            else:
+                lines = ["| " + " | ".join(block[1]) + " |", "|" + "---|" * len(block[1])]
+                lines += ["| " + " | ".join(row) + " |" for row in block[2]]
+                out.append("\n".join(lines))
+        return "\n\n".join(out) + "\n"
+
+    def rst(self, top: int = 2) -> str:
+        """reStructuredText; heading level ``top`` and below use ``-``, ``~``, ``^`` underlines."""
+        marks = {top: "-", top + 1: "~", top + 2: "^"}
+        out = []
+        for block in self.blocks:
+            if block[0] == "heading":
+                if block[1] >= top:
+                    out.append(block[2] + "\n" + marks.get(block[1], "^") * len(block[2]))
+            elif block[0] == "para":
+                out.append(block[1].replace("`", "``").replace("````", "``"))
+            else:
+                lines = [".. list-table::", "   :header-rows: 1", ""]
+                for row in [block[1], *block[2]]:
+                    lines.append("   * - " + row[0])
+                    lines += [f"     - {cell}" for cell in row[1:]]
+                out.append("\n".join(lines))
+        return "\n\n".join(out) + "\n"
+
+
+def _main_section(rows: list[dict[str, Any]], doc: Doc) -> None:
     main = [r for r in rows if r["group"] == "main"]
     cells: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in main:
@@ -147,64 +194,65 @@ def _main_section(rows: list[dict[str, Any]], out: io.StringIO) -> None:
         unit = (plain or next(iter(variants.values())))[0]["unit"]
         seeds = sorted({r["seed"] for v in variants.values() for r in v})
         any_row = next(iter(variants.values()))[0]
-        out.write(f"\n### {dataset}: {target} ({unit})\n\n")
-        out.write(
+        doc.heading(3, f"{dataset}: {target} ({unit})")
+        doc.para(
             f"{any_row['n_train']} train / {any_row['n_val']} validation / {any_row['n_test']} test structures; "
             f"{any_row['epochs']} epochs, {any_row['lr_policy']} learning rate; seeds {seeds}. "
             "MAE of the checkpoint with the lowest validation loss (for EMA runs: the EMA weights); "
-            "mean ± std over seeds.\n\n"
+            "mean ± std over seeds."
         )
-        out.write(
-            "| variant | val MAE (best epoch) | val MAE (last epoch) | test MAE | mean predictor (test) | CPU s/run |\n"
-        )
-        out.write("|---|---|---|---|---|---|\n")
+        table = []
         for variant in VARIANT_ORDER:
             group = variants.get(variant)
-            if not group:
-                continue
-            out.write(
-                f"| {LABELS[variant]} | {_mean_std([r['val_mae_best'] for r in group])} | "
-                f"{_mean_std([r['val_mae_final'] for r in group])} | {_mean_std([r['test_mae'] for r in group])} | "
-                f"{_mean_std([r['mean_predictor_test_mae'] for r in group])} | "
-                f"{statistics.fmean(r['train_cpu_s'] for r in group):.0f} |\n"
-            )
+            if group:
+                table.append(
+                    [
+                        LABELS[variant],
+                        str(len(group)),
+                        _mean_std([r["val_mae_best"] for r in group]),
+                        _mean_std([r["val_mae_final"] for r in group]),
+                        _mean_std([r["test_mae"] for r in group]),
+                        _mean_std([r["mean_predictor_test_mae"] for r in group]),
+                        f"{statistics.fmean(r['train_cpu_s'] for r in group):.0f}",
+                    ]
+                )
+        header = ["variant", "seeds", "val MAE (best epoch)", "val MAE (last epoch)", "test MAE"]
+        doc.table(header + ["mean predictor (test)", "CPU s/run"], table)
         if not plain:
             continue
-        out.write(
-            "\nPaired difference against plain (same seeds; negative = lower error than plain), "
-            "mean [95 % t interval]:\n\n"
+        doc.para(
+            "Paired difference against plain (same seeds; negative = lower error than plain), mean [95 % t interval]:"
         )
-        out.write("| variant | Δ val MAE (best epoch) | verdict | Δ test MAE | verdict |\n|---|---|---|---|---|\n")
+        table = []
         for variant in VARIANT_ORDER[1:]:
             group = variants.get(variant)
-            if not group:
-                continue
-            val, val_verdict = _diff_cell(_paired(group, plain, "val_mae_best"))
-            test, test_verdict = _diff_cell(_paired(group, plain, "test_mae"))
-            out.write(f"| {LABELS[variant]} | {val} | {val_verdict} | {test} | {test_verdict} |\n")
+            if group:
+                val, val_verdict = _diff_cell(_paired(group, plain, "val_mae_best"))
+                test, test_verdict = _diff_cell(_paired(group, plain, "test_mae"))
+                table.append([LABELS[variant], val, val_verdict, test, test_verdict])
+        doc.table(["variant", "Δ val MAE (best epoch)", "verdict", "Δ test MAE", "verdict"], table)
 
 
-def _sweep_section(rows: list[dict[str, Any]], out: io.StringIO) -> None:
+def _sweep_section(rows: list[dict[str, Any]], doc: Doc) -> None:
     sweep = [r for r in rows if r["group"] == "sweep"]
     if not sweep:
         return
     main = [r for r in rows if r["group"] == "main" and r["dataset"] == sweep[0]["dataset"]]
     plain = [r for r in main if r["variant"] == "plain"]
-    unit = sweep[0]["unit"]
-    out.write(f"\n## Sweep of EMA decay and SAM rho ({sweep[0]['dataset']}, {sweep[0]['target']}, {unit})\n\n")
-    out.write("| setting | val MAE (best epoch) | test MAE | Δ test MAE vs plain [95 % t] | verdict |\n")
-    out.write("|---|---|---|---|---|\n")
+    doc.heading(2, f"Sweep of EMA decay and SAM rho ({sweep[0]['dataset']}, {sweep[0]['target']}, {sweep[0]['unit']})")
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in sweep + [r for r in main if r["variant"] in ("ema", "sam")]:
         name = f"EMA decay {r['ema_decay']:g}" if r["variant"] == "ema" else f"SAM rho {r['sam_rho']:g}"
         groups[name].append(r)
+    table = []
     for name in sorted(groups):
         group = groups[name]
-        diff, verdict = _diff_cell(_paired(group, plain, "test_mae")) if plain else ("-", "-")
-        out.write(
-            f"| {name} | {_mean_std([r['val_mae_best'] for r in group])} | {_mean_std([r['test_mae'] for r in group])} "
-            f"| {diff} | {verdict} |\n"
-        )
+        diff, verdict = _diff_cell(_paired(group, plain, "test_mae")) if plain else ("n/a", "n/a")
+        val, test = _mean_std([r["val_mae_best"] for r in group]), _mean_std([r["test_mae"] for r in group])
+        table.append([name, str(len(group)), val, test, diff, verdict])
+    doc.table(
+        ["setting", "seeds", "val MAE (best epoch)", "test MAE", "Δ test MAE vs plain [95 % t]", "verdict"], table
+    )
 
 
 def _final_gain(row: dict[str, Any]) -> float:
@@ -213,7 +261,7 @@ def _final_gain(row: dict[str, Any]) -> float:
     return raw[-1] - ema[-1] if raw and ema else math.nan
 
 
-def _regime_section(rows: list[dict[str, Any]], out: io.StringIO) -> None:
+def _regime_section(rows: list[dict[str, Any]], doc: Doc) -> None:
     regime = [r for r in rows if r["group"] == "regime"]
     if not regime:
         return
@@ -223,23 +271,21 @@ def _regime_section(rows: list[dict[str, Any]], out: io.StringIO) -> None:
     cells: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in candidates:
         cells[(r["lr_policy"], r["epochs"])][r["variant"]].append(r)
-    out.write(f"\n## Learning-rate policy x run length ({dataset}, {regime[0]['target']}, {regime[0]['unit']})\n\n")
-    out.write(
+    doc.heading(2, f"Learning-rate policy x run length ({dataset}, {regime[0]['target']}, {regime[0]['unit']})")
+    doc.para(
         "`cosine`: annealed to zero over the run; `constant`: no scheduler. EMA gain = validation loss of the raw "
-        "weights minus that of the EMA weights at the last epoch (normalised units; > 0: EMA better).\n\n"
+        "weights minus that of the EMA weights at the last epoch (normalised units; > 0: EMA better)."
     )
-    out.write(
-        "| lr policy | epochs | plain test MAE | EMA test MAE | Δ test MAE [95 % t] | verdict | EMA gain, last epoch |\n"
-    )
-    out.write("|---|---|---|---|---|---|---|\n")
+    table = []
     for (policy, epochs), variants in sorted(cells.items()):
         plain, ema = variants.get("plain", []), variants.get("ema", [])
-        diff, verdict = _diff_cell(_paired(ema, plain, "test_mae")) if plain and ema else ("-", "-")
+        diff, verdict = _diff_cell(_paired(ema, plain, "test_mae")) if plain and ema else ("n/a", "n/a")
         gains = [g for g in (_final_gain(r) for r in ema) if math.isfinite(g)]
-        out.write(
-            f"| {policy} | {epochs} | {_mean_std([r['test_mae'] for r in plain])} | "
-            f"{_mean_std([r['test_mae'] for r in ema])} | {diff} | {verdict} | {_mean_std(gains)} |\n"
-        )
+        seeds = f"{len(plain)}/{len(ema)}"
+        plain_mae, ema_mae = _mean_std([r["test_mae"] for r in plain]), _mean_std([r["test_mae"] for r in ema])
+        table.append([policy, str(epochs), seeds, plain_mae, ema_mae, diff, verdict, _mean_std(gains)])
+    header = ["lr policy", "epochs", "seeds (plain/EMA)", "plain test MAE", "EMA test MAE", "Δ test MAE [95 % t]"]
+    doc.table(header + ["verdict", "EMA gain, last epoch"], table)
 
 
 def _chart(rows: list[dict[str, Any]], dataset: str, target: str, path: Path) -> Path:
@@ -332,20 +378,20 @@ def write_report(
     writer.writerows(rows)
     written = [_write_text(out / "ablation.csv", buffer.getvalue())]
 
-    md = io.StringIO()
+    doc = Doc()
     cpu = sum(r["train_cpu_s"] for r in records)
-    md.write("# EMA / SAM ablation\n\n")
-    md.write(f"Command: `{command}`\n\n")
-    md.write(f"{len(records)} runs, {cpu / 60:.1f} CPU minutes of training in all.\n")
+    doc.heading(1, "EMA / SAM ablation")
+    doc.para(f"Command: `{command}`")
+    doc.para(f"{len(records)} runs, {cpu / 60:.1f} CPU minutes of training in all.")
     for name, reason in (skipped or {}).items():
-        md.write(f"\nLeft out: `{name}`: {reason}\n")
-    md.write("\n## Variants against plain\n")
-    _main_section(rows, md)
-    _sweep_section(rows, md)
-    _regime_section(rows, md)
-    written.append(_write_text(out / "ablation.md", md.getvalue()))
-
+        doc.para(f"Left out: `{name}`: {reason}")
+    doc.heading(2, "Variants against plain")
+    _main_section(rows, doc)
+    _sweep_section(rows, doc)
+    _regime_section(rows, doc)
+    written.append(_write_text(out / "ablation.md", doc.markdown()))
     charts.mkdir(parents=True, exist_ok=True)
+    written.append(_write_text(charts / "ablation_tables.inc", doc.rst(top=2)))
     for dataset, target in sorted({(r["dataset"], r["target"]) for r in rows if r["group"] == "main"}):
         written.append(_chart(rows, dataset, target, charts / f"ablation_{dataset}_{target}.png"))
     regime = _regime_chart(rows, charts / "ablation_regimes.png")
