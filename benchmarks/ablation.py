@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for path in sorted((out / "runs").glob("*/result.json")):
         records.append(json.loads(path.read_text(encoding="utf-8")))
-    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    command = "python benchmarks/ablation.py " + " ".join(given)
     paths = write_report(records, out, charts, command=command.strip(), skipped=skipped, datasets=DATASETS)
     for path in paths:
         print(f"wrote {path}")
