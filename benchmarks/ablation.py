@@ -212,6 +212,24 @@ def plan(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def _claim(out: Path, run: Run) -> bool:
+    """Claim ``run`` for this process (several processes may share ``out``); ``False`` if a live one holds it."""
+    path = out / "runs" / f".{run.run_id}.claim"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            with open(path, "x", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text(encoding="utf-8") or 0), 0)
+                return False  # its process is alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # left by a process that is gone
+    return False
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -430,8 +448,14 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     for i, run in enumerate(todo, 1):
         t0 = time.perf_counter()
-        record = execute(run, out)
-        _atomic_write(out / "runs" / run.run_id / "result.json", json.dumps(record, indent=1))
+        if (out / "runs" / run.run_id / "result.json").is_file() or not _claim(out, run):
+            print(f"[{i}/{len(todo)}] {run.run_id}: finished or in progress in another process", flush=True)
+            continue
+        try:
+            record = execute(run, out)
+            _atomic_write(out / "runs" / run.run_id / "result.json", json.dumps(record, indent=1))
+        finally:
+            (out / "runs" / f".{run.run_id}.claim").unlink(missing_ok=True)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(todo) - i)
         first = next(iter(record["targets"].values()))
