@@ -23,7 +23,8 @@ with the shipped model and dataset configs; only what the study varies is change
 Everything else is fixed: the model (``egnn_small``: the encoder of ``make train``), its learning rate, the
 batch size, the number of epochs, the checkpoint rule (lowest ``val_loss``). Each finished run writes
 ``<out>/runs/<run id>/result.json`` (atomically); a rerun skips those, so an interrupted study continues
-where it stopped. At the end (and with ``--report-only``) the script writes ``<out>/ablation.csv`` (one row
+where it stopped; several processes started with the same command share the work (each run is claimed
+before it is trained). At the end (and with ``--report-only``) the script writes ``<out>/ablation.csv`` (one row
 per run and target), ``<out>/ablation.md`` (mean +/- std per cell and paired differences against
 ``plain`` with a t interval over seeds) and one chart per data set under ``--charts`` (see
 ``benchmarks/ablation_report.py``).
