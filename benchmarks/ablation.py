@@ -396,7 +396,7 @@ def readable(name: str) -> str | None:
         if missing:
             return f"its records have no target {missing}"
     except Exception as err:  # any reader failure: report and leave the data set out
-        return " ".join(str(err).split())[:300]
+        return " ".join(str(err).replace(f"{ROOT}{os.sep}", "").split())[:300]
     return None
 
 
