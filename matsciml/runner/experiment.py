@@ -49,7 +49,7 @@ from matsciml.runner.configs import (
 )
 from matsciml.runner.multitask import build_multitask, check_targets_listed, logged_metric_names, summarize_pairs
 from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
-from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae
+from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae, raw_weights_mae
 
 __all__ = ["PreparedRun", "RunResult", "prepare_experiment", "run_experiment", "RUN_DIR_ENV"]
 
@@ -440,11 +440,12 @@ def summarize(prepared: PreparedRun) -> tuple[list[TargetSummary], str | None, s
     else:
         keys = list(getattr(task, "task_keys", prepared.experiment.task.targets))
         maes = model_mae(task, dm.eval_dataloader("val"), keys)
+        raw_maes = raw_weights_mae(task, dm.eval_dataloader("val"), keys, best)  # EMA runs: the raw weights too
         for key in keys:
             base, count = mean_predictor_mae(dm.datasets["train"], dm.datasets["val"], key)
             mae, n = maes[key]
             if n:
-                targets.append(TargetSummary(key, mae, base, n))
+                targets.append(TargetSummary(key, mae, base, n, raw_maes[key][0] if key in raw_maes else None))
     text = format_summary(prepared.run_dir, best, score, getattr(callback, "monitor", None), targets, "\n".join(notes))
     return targets, best, last, text
 

@@ -5,6 +5,10 @@ every validation structure (or atom, for per-atom targets), the mean of the trai
 targets. Its MAE is computed from the raw targets of the training and validation splits;
 the model's MAE from its predictions (in data units) over the validation loader. A ratio
 ``mean-predictor MAE / model MAE`` of 1 means the model learned nothing.
+
+For a run with :class:`~matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback`
+the checkpoint's model weights are the EMA; its raw (trained) weights, saved beside them,
+are evaluated too (:func:`raw_weights_mae`) and printed next to the EMA's MAE.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-__all__ = ["TargetSummary", "iter_targets", "mean_predictor_mae", "model_mae", "format_summary"]
+__all__ = ["TargetSummary", "iter_targets", "mean_predictor_mae", "model_mae", "raw_weights_mae", "format_summary"]
 
 
 @dataclass
@@ -34,12 +38,16 @@ class TargetSummary:
         MAE of predicting the training mean.
     count
         Number of validation values compared (structures, or atoms x components).
+    raw_mae
+        For an EMA run: MAE of the raw (not averaged) weights of the same checkpoint
+        (``model_mae`` is then the EMA weights'); ``None`` otherwise.
     """
 
     key: str
     model_mae: float
     mean_mae: float
     count: int
+    raw_mae: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -135,6 +143,32 @@ def model_mae(task: Any, loader: Any, keys: list[str]) -> dict[str, tuple[float,
     return {key: (sums[key] / counts[key] if counts[key] else float("nan"), counts[key]) for key in keys}
 
 
+def raw_weights_mae(
+    task: Any, loader: Any, keys: list[str], checkpoint: str | Path | None
+) -> dict[str, tuple[float, int]]:
+    """:func:`model_mae` of the raw weights saved in an EMA run's ``checkpoint``; the task's weights are put back.
+
+    The raw weights are the EMA callback's checkpoint state (the first state-dict name of
+    each distinct tensor; names that alias the same tensor get the same value). Returns
+    ``{}`` when ``checkpoint`` is ``None``, missing, or holds no EMA state.
+    """
+    from matsciml.runner.weights import read_raw_weights
+
+    if not checkpoint or not Path(checkpoint).is_file():
+        return {}
+    raw = read_raw_weights(checkpoint, "best checkpoint")
+    if raw is None:
+        return {}
+    own = task.state_dict(keep_vars=True)
+    by_tensor = {id(own[name]): value for name, value in raw.items() if name in own}
+    kept = {name: tensor.detach().clone() for name, tensor in own.items()}
+    task.load_state_dict({name: by_tensor.get(id(t), kept[name]) for name, t in own.items()}, strict=True)
+    try:
+        return model_mae(task, loader, keys)
+    finally:
+        task.load_state_dict(kept, strict=True)
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if device.type == "cpu":
         return batch
@@ -160,12 +194,15 @@ def format_summary(
         lines.append(f"Best checkpoint:  {best_checkpoint}{score}")
     else:
         lines.append("Best checkpoint:  (none written)")
+    ema = any(t.raw_mae is not None for t in targets)
     if targets:
-        lines.append("Validation MAE (data units; ratio = mean-predictor MAE / model MAE):")
+        what = "EMA weights" if ema else "model"
+        lines.append(f"Validation MAE (data units; ratio = mean-predictor MAE / {what} MAE):")
         width = max(len(t.key) for t in targets)
         for t in targets:
+            raw = f"   raw weights {t.raw_mae:.6g}" if t.raw_mae is not None else ""
             lines.append(
-                f"  {t.key:<{width}s}  model {t.model_mae:.6g}   mean predictor {t.mean_mae:.6g}   "
+                f"  {t.key:<{width}s}  {what} {t.model_mae:.6g}{raw}   mean predictor {t.mean_mae:.6g}   "
                 f"ratio {t.ratio:.2f}x   ({t.count} values)"
             )
     if note:

@@ -46,7 +46,7 @@ import torch
 
 from matsciml.common.errors import ConfigError
 
-__all__ = ["freeze_encoder", "load_weights", "read_checkpoint", "read_state_dict"]
+__all__ = ["freeze_encoder", "load_weights", "read_checkpoint", "read_raw_weights", "read_state_dict"]
 
 
 def read_checkpoint(path: str | Path, where: str = "load_weights.path") -> Any:
@@ -69,7 +69,7 @@ def read_checkpoint(path: str | Path, where: str = "load_weights.path") -> Any:
     if not path.is_file():
         raise ConfigError(f"{where}: checkpoint file {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -81,7 +81,6 @@ def read_checkpoint(path: str | Path, where: str = "load_weights.path") -> Any:
         raise ConfigError(
             f"{where}: cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {err})"
         ) from None
-    return ckpt
 
 
 def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[str, torch.Tensor]:
@@ -101,6 +100,28 @@ def read_state_dict(path: str | Path, where: str = "load_weights.path") -> dict[
             f"{where}: {path} holds no state dict (expected a Lightning checkpoint or a saved state_dict)"
         )
     return state
+
+
+def read_raw_weights(path: str | Path, where: str = "checkpoint") -> dict[str, torch.Tensor] | None:
+    """The raw (trained, not averaged) weights saved in a checkpoint of an EMA run, or ``None``.
+
+    A checkpoint written with
+    :class:`~matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback` holds the
+    EMA weights in ``state_dict`` and the raw ones in its callback state (``"raw"``: name
+    -> tensor, the first name of each distinct tensor). ``None`` when the checkpoint has
+    no such state (a run without EMA).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`read_state_dict`.
+    """
+    ckpt = read_checkpoint(path, where)
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt, dict) else None
+    for state in (callbacks or {}).values():
+        if isinstance(state, dict) and state.get("format") == "matsciml.ema" and isinstance(state.get("raw"), dict):
+            return dict(state["raw"])
+    return None
 
 
 def _mismatch(missing: list[str], unexpected: list[str]) -> str:

@@ -142,6 +142,61 @@ def test_summary_numbers_match_independent_oracles(trained):
     assert "mean predictor" in trained.summary_text and str(trained.run_dir) in trained.summary_text
 
 
+def test_ema_run_summary_gives_ema_and_raw_mae(configs, tmp_path):
+    """With the EMA callback the summary gives the EMA weights' MAE and the raw weights' MAE, each
+    equal to a hand-computed MAE of the checkpoint's EMA state_dict and of its saved raw weights."""
+    from matsciml.runner.weights import read_raw_weights
+
+    trainer = _write(
+        tmp_path / "trainer_ema.yaml",
+        """\
+        generic: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
+        debug: {accelerator: cpu, limit_train_batches: 3}
+        callbacks:
+          - class_path: matsciml.lightning.callbacks.ExponentialMovingAverageCallback
+            init_args: {decay: 0.9, evaluate_raw: true}
+          - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+            init_args: {monitor: val_loss}
+        loggers:
+          - class_path: lightning.pytorch.loggers.CSVLogger
+        """,
+    )
+    args = argv(configs, configs / "experiments" / "energy.yaml", tmp_path / "run")
+    args[args.index("-t") + 1] = str(trainer)
+    result = main(args)
+    (summary,) = result.targets
+    ckpt = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    raw = read_raw_weights(result.best_checkpoint)
+    assert raw is not None and set(raw) <= set(ckpt["state_dict"])
+    assert any(not torch.equal(raw[k], ckpt["state_dict"][k]) for k in raw)  # EMA and raw weights differ
+    task, loader = result.task, result.datamodule.eval_dataloader("val")
+
+    def hand_mae(state: dict) -> float:
+        task.load_state_dict({**ckpt["state_dict"], **state})
+        task.eval()
+        errors = []
+        with torch.no_grad():
+            for batch in loader:
+                pred = task(batch)["energy_per_atom"].reshape(-1).double()
+                errors.append((pred - batch["targets"]["energy_per_atom"].reshape(-1).double()).abs())
+        return float(torch.cat(errors).mean())
+
+    # the task is left holding the EMA weights after the raw ones were evaluated
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in task.state_dict().items())
+    assert summary.model_mae == pytest.approx(hand_mae({}), rel=1e-6)
+    assert summary.raw_mae == pytest.approx(hand_mae(raw), rel=1e-6)
+    assert summary.raw_mae != pytest.approx(summary.model_mae, rel=1e-6)
+    line = next(line for line in result.summary_text.splitlines() if "energy_per_atom" in line)
+    assert f"EMA weights {summary.model_mae:.6g}" in line and f"raw weights {summary.raw_mae:.6g}" in line
+
+
+def test_summary_without_ema_has_no_raw_mae(trained):
+    from matsciml.runner.weights import read_raw_weights
+
+    assert read_raw_weights(trained.best_checkpoint) is None
+    assert trained.targets[0].raw_mae is None and "raw weights" not in trained.summary_text
+
+
 def test_load_weights_checkpoint_and_pretrained(configs, trained, tmp_path):
     ckpt = trained.run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
