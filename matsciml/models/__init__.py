@@ -19,6 +19,26 @@ from matsciml.models.tasks import (
     get_task_class,
 )
 
+#: Encoders whose modules load on first access (``matsciml.models.M3GNet``), as upstream names them.
+_LAZY = {
+    "M3GNet": "matsciml.models.matgl",
+    "CHGNet": "matsciml.models.matgl",
+    "MEGNet": "matsciml.models.matgl",
+    "TensorNet": "matsciml.models.matgl",
+    "MACEWrapper": "matsciml.models.pyg.mace",
+    "FAENet": "matsciml.models.unavailable",
+    "GalaPotential": "matsciml.models.unavailable",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'matsciml.models' has no attribute {name!r}")
+
+
 __all__ = [
     "PLEGNNBackbone",
     "E3NNEncoder",
@@ -31,4 +51,5 @@ __all__ = [
     "ScalarRegressionTask",
     "BinaryClassificationTask",
     "ForceRegressionTask",
+    *_LAZY,
 ]

@@ -12,6 +12,11 @@ from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
 from matsciml.registry import lookup, register_encoder
 
+# wrappers of optional libraries register themselves; the libraries load when a model is built
+from matsciml.models import matgl as _matgl  # noqa: F401, E402
+from matsciml.models import unavailable as _unavailable  # noqa: F401, E402
+from matsciml.models.pyg import mace as _mace  # noqa: F401, E402
+
 __all__ = ["get_encoder_class"]
 
 register_encoder(PLEGNNBackbone)
