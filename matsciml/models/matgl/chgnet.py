@@ -25,7 +25,11 @@ class CHGNet(MatGLEncoder):
     the atom features of the last block, the system embedding their pooling
     (``pooling_operation``: ``sum`` by default, as in matgl). matgl's final MLP is replaced by
     ``nn.Identity`` (the task's head predicts) and its site-wise magnetic-moment readout is off
-    (``num_site_targets: 0``) unless asked for: its output is not part of the embeddings.
+    (``num_site_targets: 0``) unless asked for: its output is not part of the embeddings. The
+    updates whose results cannot reach the atom features (bond features after the last atom
+    layer, angle features after the last bond layer, and the shared bond weights when no atom
+    layer updates bonds) are removed, so that every parameter is trained (no unused parameters
+    under DDP) and no time is spent on them.
 
     Parameters
     ----------
@@ -87,6 +91,7 @@ class CHGNet(MatGLEncoder):
         )
         self.model.final_layer = nn.Identity()
         self.model.final_dropout = nn.Identity()
+        _remove_dead_updates(self.model)
         self.embedding_dim: int = int(self.model.atom_embedding.embedding_dim)
 
     def forward(self, batch: Any) -> Embeddings:
@@ -96,3 +101,14 @@ class CHGNet(MatGLEncoder):
         features, self.model.feature_dict = self.model.feature_dict, {}
         point = features[f"gc_{self.model.n_blocks}"]["atom_feat"]
         return Embeddings(system_embedding=pooled.reshape(int(g.num_graphs), -1), point_embedding=point)
+
+
+def _remove_dead_updates(model: nn.Module) -> None:
+    """Drop the parts of a matgl CHGNet whose outputs never reach the last atom features."""
+    last_atom = model.atom_graph_layers[-1]
+    last_atom.conv.edge_update_func = None
+    last_atom.bond_norm = None
+    if model.bond_graph_layers is not None and len(model.bond_graph_layers):
+        model.bond_graph_layers[-1].conv.edge_update_func = None
+    if all(layer.conv.edge_update_func is None for layer in model.atom_graph_layers):
+        model.bond_bond_weights = None
