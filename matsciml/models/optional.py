@@ -13,10 +13,11 @@ from matsciml.common.errors import ConfigError
 
 __all__ = ["require", "EXTRAS"]
 
-#: Python package -> (extra of this toolkit that installs it, distribution name).
+#: Python package -> (distribution name, how to install it).
 EXTRAS: dict[str, tuple[str, str]] = {
-    "matgl": ("matgl", "matgl"),
-    "mace": ("mace", "mace-torch"),
+    "matgl": ("matgl", "pip install 'matsciml[matgl]'"),
+    # mace-torch pins e3nn==0.4.4 (see requirements/constraints.txt): its pin is skipped
+    "mace": ("mace-torch", "pip install 'matsciml[mace]' && pip install --no-deps mace-torch==0.3.16"),
 }
 
 
@@ -36,11 +37,11 @@ def require(module: str, model: str) -> ModuleType:
         The package is missing (or fails to import); the message names the extra to install.
     """
     top = module.split(".")[0]
-    extra, dist = EXTRAS.get(top, (top, top))
+    dist, command = EXTRAS.get(top, (top, f"pip install {top}"))
     try:
         return importlib.import_module(module)
     except ImportError as err:
         raise ConfigError(
             f"{model} needs the {dist!r} package, which is not installed or does not import ({err}); "
-            f"install it with: pip install 'matsciml[{extra}]'"
+            f"install it with: {command}"
         ) from None
