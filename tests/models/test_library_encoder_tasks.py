@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning" / "call
 from test_ema import Recorder, hand_ema, max_diff  # noqa: E402
 
 pytestmark = [
+    pytest.mark.slow,  # about a minute: ten small trainings and finite differences through five libraries
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),
 ]
