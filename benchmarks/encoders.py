@@ -37,7 +37,13 @@ from matsciml.datasets.structure_dataset import EMTAlloyDataset  # noqa: E402
 from matsciml.models.encoders import get_encoder_class  # noqa: E402
 
 MODELS = ["m3gnet_dgl", "chgnet_dgl", "megnet_dgl", "tensornet_dgl", "mace_pyg", "e3nn", "egnn"]
-LIBRARY = {"m3gnet_dgl": "matgl", "chgnet_dgl": "matgl", "megnet_dgl": "matgl", "tensornet_dgl": "matgl", "mace_pyg": "mace"}
+LIBRARY = {
+    "m3gnet_dgl": "matgl",
+    "chgnet_dgl": "matgl",
+    "megnet_dgl": "matgl",
+    "tensornet_dgl": "matgl",
+    "mace_pyg": "mace",
+}
 
 
 def load_config(name: str) -> dict:
@@ -108,7 +114,12 @@ def direct_step(encoder, batch):
                 out = encoder.model(g, state) if state is not None else encoder.model(g)
                 features = encoder.model.feature_dict
                 key = "atom_feat" if name == "CHGNet" else "node_feat"
-                out = out.sum() + features[f"gc_{len(encoder.model.blocks) if name == 'MEGNet' else encoder.model.n_blocks}"][key].sum()
+                out = (
+                    out.sum()
+                    + features[f"gc_{len(encoder.model.blocks) if name == 'MEGNet' else encoder.model.n_blocks}"][
+                        key
+                    ].sum()
+                )
             out.backward()
             encoder.model.feature_dict = {}
 
@@ -150,7 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); batches of {args.batch_size} devset structures")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); batches of {args.batch_size} devset structures"
+    )
     header = f"{'model':<15}{'device':<7}{'params':>10}{'ms/batch':>10}{'ms/struct':>10}{'us/atom':>9}{'direct ms':>10}{'overhead':>9}"
     print(header)
     for name in args.models:

@@ -38,25 +38,57 @@ MACE_CLASSES = {
 
 #: name -> (library, encoder_class, encoder_kwargs): small models, plain YAML-like data
 ENCODERS = {
-    "M3GNet": ("matgl", "matsciml.models.M3GNet", {"nblocks": 1, "dim_node_embedding": 8, "dim_edge_embedding": 8, "units": 8, "cutoff": 4.0}),
+    "M3GNet": (
+        "matgl",
+        "matsciml.models.M3GNet",
+        {"nblocks": 1, "dim_node_embedding": 8, "dim_edge_embedding": 8, "units": 8, "cutoff": 4.0},
+    ),
     "CHGNet": (
         "matgl",
         "matsciml.models.CHGNet",
-        {"num_blocks": 2, "dim_atom_embedding": 8, "dim_bond_embedding": 8, "dim_angle_embedding": 8,
-         "atom_conv_hidden_dims": [8], "bond_conv_hidden_dims": [8], "final_hidden_dims": [8], "cutoff": 4.0},
+        {
+            "num_blocks": 2,
+            "dim_atom_embedding": 8,
+            "dim_bond_embedding": 8,
+            "dim_angle_embedding": 8,
+            "atom_conv_hidden_dims": [8],
+            "bond_conv_hidden_dims": [8],
+            "final_hidden_dims": [8],
+            "cutoff": 4.0,
+        },
     ),
     "MEGNet": (
         "matgl",
         "matsciml.models.MEGNet",
-        {"edge_feat_dim": 8, "node_feat_dim": 8, "graph_feat_dim": 9, "num_blocks": 1, "hiddens": [8],
-         "conv_hiddens": [8], "s2s_num_layers": 1, "s2s_num_iters": 1, "cutoff": 4.0},
+        {
+            "edge_feat_dim": 8,
+            "node_feat_dim": 8,
+            "graph_feat_dim": 9,
+            "num_blocks": 1,
+            "hiddens": [8],
+            "conv_hiddens": [8],
+            "s2s_num_layers": 1,
+            "s2s_num_iters": 1,
+            "cutoff": 4.0,
+        },
     ),
     "TensorNet": ("matgl", "matsciml.models.TensorNet", {"units": 8, "nblocks": 1, "num_rbf": 8, "cutoff": 4.0}),
     "MACEWrapper": (
         "mace",
         "matsciml.models.pyg.mace.MACEWrapper",
-        dict(MACE_CLASSES, atom_embedding_dim=8, hidden_irreps="8x0e + 8x1o", avg_num_neighbors=12.0, correlation=2,
-             max_ell=2, num_atom_embedding=80, num_bessel=4, num_interactions=2, num_polynomial_cutoff=5, r_max=4.0),
+        dict(
+            MACE_CLASSES,
+            atom_embedding_dim=8,
+            hidden_irreps="8x0e + 8x1o",
+            avg_num_neighbors=12.0,
+            correlation=2,
+            max_ell=2,
+            num_atom_embedding=80,
+            num_bessel=4,
+            num_interactions=2,
+            num_polynomial_cutoff=5,
+            r_max=4.0,
+        ),
     ),
 }
 

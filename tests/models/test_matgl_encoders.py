@@ -120,7 +120,11 @@ def test_upstream_m3gnet_arguments_and_widths():
     kwargs = instantiate(
         {"element_types": {"class_path": "matsciml.datasets.utils.element_types"}, "return_all_layer_output": True}
     )
-    assert kwargs["element_types"][0] == "H" and kwargs["element_types"][78] == "Au" and len(kwargs["element_types"]) == 118
+    assert (
+        kwargs["element_types"][0] == "H"
+        and kwargs["element_types"][78] == "Au"
+        and len(kwargs["element_types"]) == 118
+    )
     assert M3GNet(**kwargs).embedding_dim == 64  # upstream's output_kwargs.input_dim
     assert TensorNet(num_rbf=32, max_n=3, max_l=3).embedding_dim == 64
     megnet = MEGNet(2, 128, 9, 4, [256, 256, 128], [128, 128, 128], 5, 4, output_hiddens=[64, 64], encoder_only=True)

@@ -62,7 +62,9 @@ def test_missing_library_error_names_the_extra(monkeypatch):
 
 
 def test_importing_models_loads_no_optional_library():
-    code = "import sys, matsciml.models as m; m.M3GNet; m.MACEWrapper; print(sorted({'matgl', 'mace'} & set(sys.modules)))"
+    code = (
+        "import sys, matsciml.models as m; m.M3GNet; m.MACEWrapper; print(sorted({'matgl', 'mace'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -88,7 +90,9 @@ def test_unavailable_models_say_what_to_use():
     with pytest.raises(ConfigError, match="GalaPotential is not available.*E3NNEncoder"):
         GalaPotential(D_in=100)
     with pytest.raises(ConfigError, match="FrameAveraging prepares inputs for FAENet"):
-        instantiate({"class_path": "matsciml.datasets.transforms.FrameAveraging", "init_args": {"frame_averaging": "3D"}})
+        instantiate(
+            {"class_path": "matsciml.datasets.transforms.FrameAveraging", "init_args": {"frame_averaging": "3D"}}
+        )
 
 
 def test_element_types_are_ordered_by_atomic_number():

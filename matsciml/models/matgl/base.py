@@ -21,7 +21,8 @@ from torch import nn
 
 from matsciml.common import graph as G
 from matsciml.common.errors import ConfigError, DataError, closest
-from matsciml.datasets.utils import MAX_ATOMIC_NUMBER, atomic_number_map, element_types as all_elements
+from matsciml.datasets.utils import MAX_ATOMIC_NUMBER, atomic_number_map
+from matsciml.datasets.utils import element_types as all_elements
 from matsciml.models.optional import require
 
 __all__ = ["MatGLEncoder", "check_library_kwargs", "matgl_graph"]
@@ -80,7 +81,9 @@ def matgl_graph(graph: Any, type_of_z: torch.Tensor, cutoff: float, model: str) 
     """
     z = G.atomic_numbers(graph)
     if z.numel() and (int(z.min()) < 1 or int(z.max()) > MAX_ATOMIC_NUMBER):
-        raise DataError(f"{model}: atomic numbers must lie in 1..{MAX_ATOMIC_NUMBER}, got {z.min()}..{z.max()}")
+        raise DataError(
+            f"{model}: atomic numbers must lie in 1..{MAX_ATOMIC_NUMBER}, got {int(z.min())}..{int(z.max())}"
+        )
     node_type = type_of_z[z]
     if z.numel() and bool((node_type < 0).any()):
         missing = sorted({int(v) for v in z[node_type < 0]})

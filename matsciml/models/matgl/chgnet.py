@@ -81,7 +81,9 @@ class CHGNet(MatGLEncoder):
                 f"CHGNet: readout_field={kwargs['readout_field']!r} is not supported by the encoder; use atom_feat"
             )
         if kwargs.get("dim_state_feats") is not None:
-            raise ConfigError("CHGNet: dim_state_feats needs per-structure state attributes, which batches do not carry")
+            raise ConfigError(
+                "CHGNet: dim_state_feats needs per-structure state attributes, which batches do not carry"
+            )
         self.model = library.CHGNet(
             element_types=self.element_types,
             cutoff=self.cutoff,

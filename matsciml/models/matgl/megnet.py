@@ -170,4 +170,3 @@ class MEGNet(MatGLEncoder):
             [per_graph[:, :c], nodes, per_graph[:, 2 * c : 3 * c], edge_mean, per_graph[:, 4 * c :]], dim=-1
         )
         return Embeddings(system_embedding=system, point_embedding=point)
-

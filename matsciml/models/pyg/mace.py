@@ -162,7 +162,9 @@ class MACEWrapper(nn.Module):
         from e3nn import o3
 
         if embedding_kwargs:
-            raise ConfigError("MACEWrapper: embedding_kwargs is not used by MACE (it embeds elements itself); remove it")
+            raise ConfigError(
+                "MACEWrapper: embedding_kwargs is not used by MACE (it embeds elements itself); remove it"
+            )
         if not encoder_only:
             raise ConfigError("MACEWrapper: encoder_only must be true: the task's output head makes the prediction")
         if not disable_forces:
@@ -222,7 +224,7 @@ class MACEWrapper(nn.Module):
         scalar_index, offset = [], 0
         for product in self.model.products:
             irreps = o3.Irreps(product.linear.irreps_out)
-            for (mul, ir), sl in zip(irreps, irreps.slices()):
+            for (_, ir), sl in zip(irreps, irreps.slices()):
                 if ir.l == 0 and ir.p == 1:
                     scalar_index.extend(range(offset + sl.start, offset + sl.stop))
             offset += irreps.dim
