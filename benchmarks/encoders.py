@@ -6,7 +6,9 @@ toolkit's ``e3nn`` and ``egnn``), on batches of 16 devset structures with the co
 transforms: median milliseconds of one forward + backward pass (loss = sum of both
 embeddings), per batch, per structure and per atom. For the library wrappers, the same model
 is also called directly on the library's input prepared beforehand (matgl's graph, MACE's data
-dict); ``overhead`` is the wrapper's extra time (the conversion of our batch) relative to that.
+dict); ``overhead`` is the wrapper's extra time relative to that, and ``convert`` the time of the
+conversion of our batch alone (``library_graph``/``library_input``) relative to it: the first is
+a difference of two noisy timings, the second a direct measurement of what the wrapper adds.
 CPU always; a CUDA column when a GPU is present. Run::
 
     OMP_NUM_THREADS=1 python benchmarks/encoders.py                # a few minutes on 2 CPU threads
@@ -30,7 +32,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from matsciml.common import graph as G  # noqa: E402
 from matsciml.common.config import instantiate  # noqa: E402
 from matsciml.datasets.collate import collate_samples  # noqa: E402
 from matsciml.datasets.structure_dataset import EMTAlloyDataset  # noqa: E402
@@ -125,23 +126,7 @@ def direct_step(encoder, batch):
 
         return step
     if name == "MACEWrapper":
-        graph = G.get_graph(batch)
-        pos, ei = G.positions(graph), G.edge_index(graph)
-        unit = G.cell_shifts(graph).to(pos.dtype)
-        index = G.graph_index(graph)
-        shifts = torch.einsum("ek,ekl->el", unit, G.cells(graph)[index[ei[0]]])
-        inside = (pos[ei[1]] - pos[ei[0]] + shifts).norm(dim=-1) < encoder.r_max
-        counts = torch.bincount(index, minlength=int(G.num_graphs(graph)))
-        data = {
-            "positions": pos.detach(),
-            "node_attrs": torch.nn.functional.one_hot(G.atomic_numbers(graph) - 1, encoder.num_elements).to(pos.dtype),
-            "edge_index": ei[:, inside],
-            "shifts": shifts[inside],
-            "unit_shifts": unit[inside],
-            "cell": G.cells(graph).reshape(-1, 3),
-            "batch": index,
-            "ptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-        }
+        data = encoder.library_input(batch)
 
         def step():
             out = encoder.model(dict(data), training=True, compute_force=False)
@@ -150,6 +135,19 @@ def direct_step(encoder, batch):
 
         return step
     return None
+
+
+def conversion_step(encoder, batch):
+    """Our batch -> the library's input, alone (``None`` for our own encoders)."""
+    convert = getattr(encoder, "library_graph", None) or getattr(encoder, "library_input", None)
+    if convert is None:
+        return None
+
+    def step():
+        with torch.no_grad():
+            convert(batch)
+
+    return step
 
 
 def main() -> None:
@@ -164,7 +162,10 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); batches of {args.batch_size} devset structures"
     )
-    header = f"{'model':<15}{'device':<7}{'params':>10}{'ms/batch':>10}{'ms/struct':>10}{'us/atom':>9}{'direct ms':>10}{'overhead':>9}"
+    header = (
+        f"{'model':<15}{'device':<7}{'params':>10}{'ms/batch':>10}{'ms/struct':>10}{'us/atom':>9}"
+        f"{'direct ms':>10}{'overhead':>9}{'convert ms':>11}{'convert':>8}"
+    )
     print(header)
     for name in args.models:
         library = LIBRARY.get(name)
@@ -184,11 +185,15 @@ def main() -> None:
             direct = None
             if steps[0] is not None:
                 direct = statistics.median(timed(s, args.repeats, device) for s in steps)
+            convert = None
+            if steps[0] is not None:
+                convert = statistics.median(timed(conversion_step(encoder, b), args.repeats, device) for b in moved)
             params = sum(p.numel() for p in encoder.parameters())
             over = f"{100 * (wrapped - direct) / direct:+8.1f}%" if direct else f"{'-':>9}"
+            conv = f"{1e3 * convert:>11.1f}{100 * convert / direct:>7.1f}%" if convert else f"{'-':>11}{'-':>8}"
             print(
                 f"{name:<15}{device.type:<7}{params:>10,}{1e3 * wrapped:>10.1f}{1e3 * wrapped / args.batch_size:>10.2f}"
-                f"{1e6 * wrapped / atoms:>9.0f}{(1e3 * direct if direct else float('nan')):>10.1f}{over}"
+                f"{1e6 * wrapped / atoms:>9.0f}{(1e3 * direct if direct else float('nan')):>10.1f}{over}{conv}"
             )
 
 

@@ -233,8 +233,8 @@ class MACEWrapper(nn.Module):
         self.r_max = float(kwargs["r_max"])
         self.embedding_dim: int = len(scalar_index)
 
-    def forward(self, batch: Any) -> Embeddings:
-        """Embed a batch (dict with ``"graph"`` or a PyG graph); see the class docstring.
+    def library_input(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The data dict MACE reads, built from our batch (see the module docstring).
 
         Raises
         ------
@@ -260,21 +260,29 @@ class MACEWrapper(nn.Module):
         inside = (pos[edge_index[1]] - pos[edge_index[0]] + shifts).norm(dim=-1) < self.r_max
         if not bool(inside.all()):
             edge_index, shifts, unit_shifts = edge_index[:, inside], shifts[inside], unit_shifts[inside]
-        num_graphs = int(G.num_graphs(graph))
-        counts = torch.bincount(batch_index, minlength=num_graphs)
-        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        node_attrs = torch.nn.functional.one_hot(z - 1, self.num_elements).to(pos.dtype)
-        data = {
+        counts = torch.bincount(batch_index, minlength=int(G.num_graphs(graph)))
+        return {
             "positions": positions,
-            "node_attrs": node_attrs,
+            "node_attrs": torch.nn.functional.one_hot(z - 1, self.num_elements).to(pos.dtype),
             "edge_index": edge_index,
             "shifts": shifts,
             "unit_shifts": unit_shifts,
             "cell": cell.reshape(-1, 3),
             "batch": batch_index,
-            "ptr": ptr,
+            "ptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
         }
+
+    def forward(self, batch: Any) -> Embeddings:
+        """Embed a batch (dict with ``"graph"`` or a PyG graph); see the class docstring.
+
+        Raises
+        ------
+        DataError
+            An atomic number outside ``1 .. num_atom_embedding``.
+        """
+        data = self.library_input(batch)
         out = self.model(data, training=self.training, compute_force=False)
         point = out["node_feats"].index_select(-1, self.scalar_index)
-        system = readout(point, batch_index, num_graphs, self.readout_mode)
+        num_graphs = data["ptr"].numel() - 1
+        system = readout(point, data["batch"], num_graphs, self.readout_mode)
         return Embeddings(system_embedding=system, point_embedding=point)
