@@ -61,6 +61,7 @@ def test_missing_library_error_names_the_extra(monkeypatch):
         MACEWrapper(atom_embedding_dim=8)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and lightning
 def test_importing_models_loads_no_optional_library():
     code = (
         "import sys, matsciml.models as m; m.M3GNet; m.MACEWrapper; print(sorted({'matgl', 'mace'} & set(sys.modules)))"
