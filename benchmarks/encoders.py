@@ -73,9 +73,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``step()`` over ``repeats`` calls after one warm-up call."""
-    step()
+def timed(step, repeats: int, device: torch.device, warm_up: bool = True) -> float:
+    """Median seconds of ``step()`` over ``repeats`` calls (after one warm-up call if ``warm_up``)."""
+    if warm_up:
+        step()
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -180,14 +181,22 @@ def main() -> None:
         for device in devices:
             encoder = copy.deepcopy(base).to(device).train()
             moved = [to_device(b, device) for b in data]
-            wrapped = statistics.median(timed(wrapper_step(encoder, b), args.repeats, device) for b in moved)
-            steps = [direct_step(encoder, b) for b in moved]
-            direct = None
-            if steps[0] is not None:
-                direct = statistics.median(timed(s, args.repeats, device) for s in steps)
-            convert = None
-            if steps[0] is not None:
-                convert = statistics.median(timed(conversion_step(encoder, b), args.repeats, device) for b in moved)
+            # wrapped and direct calls alternate, so that a change of machine load hits both alike
+            wrapped_times, direct_times, convert_times = [], [], []
+            for b in moved:
+                wrapped_step, library_step = wrapper_step(encoder, b), direct_step(encoder, b)
+                convert_step = conversion_step(encoder, b)
+                for step in (wrapped_step, library_step, convert_step):
+                    if step is not None:
+                        step()  # warm-up
+                for _ in range(args.repeats):
+                    wrapped_times.append(timed(wrapped_step, 1, device, warm_up=False))
+                    if library_step is not None:
+                        direct_times.append(timed(library_step, 1, device, warm_up=False))
+                        convert_times.append(timed(convert_step, 1, device, warm_up=False))
+            wrapped = statistics.median(wrapped_times)
+            direct = statistics.median(direct_times) if direct_times else None
+            convert = statistics.median(convert_times) if convert_times else None
             params = sum(p.numel() for p in encoder.parameters())
             over = f"{100 * (wrapped - direct) / direct:+8.1f}%" if direct else f"{'-':>9}"
             conv = f"{1e3 * convert:>11.1f}{100 * convert / direct:>7.1f}%" if convert else f"{'-':>11}{'-':>8}"
