@@ -15,7 +15,9 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[dev,docs]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -c $(CONSTRAINTS) -e '.[dev,docs,all]'
+	# mace-torch pins e3nn==0.4.4; it runs (and is tested) on our e3nn, so its pin is skipped
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -c $(CONSTRAINTS) --no-deps mace-torch
 	@touch $(STAMP)
 
 # One thread: the default model is small, and a second thread only adds synchronisation.

@@ -22,6 +22,26 @@ from matsciml.models.tasks import (
     get_task_class,
 )
 
+#: Encoders whose modules load on first access (``matsciml.models.M3GNet``), as upstream names them.
+_LAZY = {
+    "M3GNet": "matsciml.models.matgl",
+    "CHGNet": "matsciml.models.matgl",
+    "MEGNet": "matsciml.models.matgl",
+    "TensorNet": "matsciml.models.matgl",
+    "MACEWrapper": "matsciml.models.pyg.mace",
+    "FAENet": "matsciml.models.unavailable",
+    "GalaPotential": "matsciml.models.unavailable",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'matsciml.models' has no attribute {name!r}")
+
+
 __all__ = [
     "PLEGNNBackbone",
     "E3NNEncoder",
@@ -37,21 +57,5 @@ __all__ = [
     "GradFreeForceRegressionTask",
     "CrystalSymmetryClassificationTask",
     "MultiTaskLitModule",
+    *_LAZY,
 ]
-
-#: Encoders of the Open MatSciML Toolkit that are not part of this package -> what to use.
-_NOT_HERE = {
-    "M3GNet": "matsciml.models.E3NNEncoder",
-    "TensorNet": "matsciml.models.E3NNEncoder",
-    "MEGNet": "matsciml.models.PLEGNNBackbone",
-    "CHGNet": "matsciml.models.E3NNEncoder",
-}
-
-
-def __getattr__(name: str):
-    if name in _NOT_HERE:
-        raise ImportError(
-            f"matsciml.models.{name} (a DGL encoder of the Open MatSciML Toolkit) is not part of this matsciml; "
-            f"use {_NOT_HERE[name]}"
-        )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

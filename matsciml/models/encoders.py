@@ -8,8 +8,13 @@ Every encoder follows the same contract: ``forward(batch)`` takes a batch dict (
 
 from __future__ import annotations
 
+# the wrappers of optional libraries (matgl, mace-torch) register themselves on import; the
+# libraries themselves load only when a model is built
+from matsciml.models import matgl as _matgl  # noqa: F401
+from matsciml.models import unavailable as _unavailable  # noqa: F401
 from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
+from matsciml.models.pyg import mace as _mace  # noqa: F401
 from matsciml.registry import lookup, register_encoder
 
 __all__ = ["get_encoder_class"]

@@ -8,9 +8,32 @@ from __future__ import annotations
 
 from matsciml.datasets.transforms.graph import PointCloudToGraphTransform
 from matsciml.datasets.transforms.periodic import PeriodicPropertiesTransform
+from matsciml.datasets.transforms.upstream import (
+    COMShift,
+    DistancesTransform,
+    FrameAveraging,
+    GraphVariablesTransform,
+    MGLDataTransform,
+)
 from matsciml.registry import register_transform
 
-__all__ = ["PeriodicPropertiesTransform", "PointCloudToGraphTransform"]
+__all__ = [
+    "PeriodicPropertiesTransform",
+    "PointCloudToGraphTransform",
+    "MGLDataTransform",
+    "DistancesTransform",
+    "GraphVariablesTransform",
+    "COMShift",
+    "FrameAveraging",
+]
 
-for _cls in (PeriodicPropertiesTransform, PointCloudToGraphTransform):
+for _cls in (
+    PeriodicPropertiesTransform,
+    PointCloudToGraphTransform,
+    MGLDataTransform,
+    DistancesTransform,
+    GraphVariablesTransform,
+    COMShift,
+    FrameAveraging,
+):
     register_transform(_cls)

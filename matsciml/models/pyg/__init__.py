@@ -1,7 +1,8 @@
-"""The Open MatSciML Toolkit's ``matsciml.models.pyg`` import path.
+"""Encoders on PyG graphs that wrap external libraries (upstream path ``matsciml.models.pyg``).
 
-Its PyG encoders are not part of this package; importing one raises an ``ImportError``
-naming the encoder to use instead (this package's encoders all run on PyG graphs).
+``matsciml.models.pyg.mace.MACEWrapper`` wraps mace-torch. The toolkit's other PyG
+encoders are not part of this package; importing one raises an ``ImportError`` naming
+the encoder to use instead (this package's encoders all run on PyG graphs).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from typing import Any
 
 __all__: list[str] = []
 
-#: The toolkit's PyG encoders -> what to use here.
+#: The toolkit's PyG encoders that are not here -> what to use.
 _INSTEAD = {
     "EGNN": "matsciml.models.PLEGNNBackbone (the E(n)-equivariant GNN; see docs/coming_from_upstream.rst for its "
     "arguments)",
     "FAENet": "matsciml.models.PLEGNNBackbone or matsciml.models.E3NNEncoder",
-    "MACE": "matsciml.models.E3NNEncoder (an equivariant message-passing encoder)",
+    "MACE": "matsciml.models.pyg.mace.MACEWrapper (mace-torch) or matsciml.models.E3NNEncoder",
 }
 
 
