@@ -29,98 +29,16 @@ from matsciml.common.errors import ConfigError, DataError, closest
 from matsciml.common.graph import get_graph, graph_index, num_graphs
 from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
+from matsciml.models.tasks.auto_normalize import TargetStatisticsMixin
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
+from matsciml.models.tasks.plain import to_plain
 
 __all__ = ["BaseTaskModule", "to_plain"]
 
 _REDUCTIONS = ("mean", "sum", "max")
 _HEAD_ARGS = tuple(p for p in inspect.signature(OutputHead).parameters if p != "output_dim")
 _SCHEDULER_KEYS = ("class_path", "init_args", "interval", "frequency", "monitor", "name", "strict")
-
-
-# ----------------------------------------------------------------------------- plain data
-def _class_path(obj: Any) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def _module_spec(module: nn.Module) -> dict[str, Any]:
-    """Best-effort ``class_path``/``init_args`` of a module instance (from its attributes)."""
-    cls = type(module)
-    init_args: dict[str, Any] = {}
-    try:
-        params = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        params = {}
-    for name, param in params.items():
-        if name in ("self", "device", "dtype") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if not hasattr(module, name):
-            continue
-        try:
-            value = to_plain(getattr(module, name), strict=True)
-        except ConfigError:
-            continue
-        default = param.default
-        if default is not inspect.Parameter.empty and value == to_plain(default, strict=False):
-            continue
-        init_args[name] = value
-    spec: dict[str, Any] = {"class_path": _class_path(cls)}
-    if init_args:
-        spec["init_args"] = init_args
-    try:
-        rebuilt = instantiate(spec)
-        same = repr(rebuilt) == repr(module)
-    except Exception:  # any failure means the spec does not rebuild the module
-        same = False
-    if not same:
-        rank_zero_warn(
-            f"the hyperparameters store {module!r} as {spec}, which may not rebuild it exactly; "
-            "give it as a class_path/init_args mapping instead of an instance"
-        )
-    return spec
-
-
-def to_plain(value: Any, strict: bool = False, where: str = "") -> Any:
-    """Convert ``value`` to data that ``torch.load(weights_only=True)`` accepts.
-
-    Classes become their import path, module instances a ``class_path``/``init_args``
-    mapping (best effort, with a warning when it may not rebuild the instance), tuples
-    lists, one-element tensors and NumPy scalars Python numbers.
-
-    Parameters
-    ----------
-    value
-        The value to convert (nested dicts/lists are converted recursively).
-    strict
-        Raise :class:`ConfigError` for a value that has no plain form; otherwise store
-        ``None`` for it and warn.
-    where
-        Name of the argument, for messages.
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v, strict, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v, strict, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, type):
-        return _class_path(value)
-    if isinstance(value, nn.Module):
-        if strict:
-            raise ConfigError(f"{where}: a module instance has no plain form")
-        return _module_spec(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item") and type(value).__module__ == "numpy":
-        return value.item()
-    if strict:
-        raise ConfigError(f"{where}: {value!r} has no plain-data form")
-    rank_zero_warn(
-        f"hyperparameter {where or 'value'} = {value!r} cannot be stored as plain data; it is saved as None, so "
-        "load_from_checkpoint needs it passed again"
-    )
-    return None
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -143,7 +61,7 @@ def _encoder_class(name: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unknown encoder {name!r}; give its import path, e.g. 'matsciml.models.PLEGNNBackbone'")
 
 
-class BaseTaskModule(pl.LightningModule):
+class BaseTaskModule(TargetStatisticsMixin, pl.LightningModule):
     """Base of the tasks: encoder, output heads, losses, normalisation, metrics, optimiser.
 
     Use a concrete task (:class:`~matsciml.models.tasks.scalar.ScalarRegressionTask`,
@@ -195,8 +113,19 @@ class BaseTaskModule(pl.LightningModule):
     log_embeddings_every_n_steps
         How often, default 50 steps.
     task_loss_scaling
-        ``{key: weight}`` of each key's loss in the total (default 1.0 each). Kept as the
-        mutable dict ``task_loss_scaling``, read at every step.
+        ``{key: weight}`` of each key's loss in the total (default: the task's
+        ``default_loss_scaling``, 1.0 for keys it does not name). Kept as the mutable
+        dict ``task_loss_scaling``, read at every step.
+    auto_normalize
+        Default ``True``: at the start of ``fit``, targets without ``normalize_kwargs``
+        are normalised with statistics of the training split
+        (:mod:`~matsciml.models.tasks.statistics`; one pass, cached per dataset), which
+        are logged and stored in the hyperparameters as ``target_stats``.
+    target_stats
+        Statistics to use instead of computing them (the form
+        :func:`~matsciml.models.tasks.statistics.target_statistics` returns); filled
+        in automatically and saved in checkpoints, so a reloaded task predicts in data
+        units without the data. Hand-set ``normalize_kwargs`` win over them.
 
     Raises
     ------
@@ -222,6 +151,10 @@ class BaseTaskModule(pl.LightningModule):
     allowed_task_keys: tuple[str, ...] | None = None
     #: metric kind of every key: "regression" (MAE) or "binary" (accuracy)
     metric_kind: str = REGRESSION
+    #: loss weight of each key when ``task_loss_scaling`` does not give one (others: 1.0)
+    default_loss_scaling: dict[str, float] = {}
+    #: keys that are extensive energies (per-element references in the statistics)
+    extensive_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -239,6 +172,8 @@ class BaseTaskModule(pl.LightningModule):
         log_embeddings: bool = False,
         log_embeddings_every_n_steps: int = 50,
         task_loss_scaling: dict[str, float] | None = None,
+        auto_normalize: bool = True,
+        target_stats: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -261,7 +196,13 @@ class BaseTaskModule(pl.LightningModule):
         self.output_kwargs = self._head_kwargs(output_kwargs)
         self.output_heads = self._make_output_heads()
         self.loss_funcs = self._make_losses(loss_func)
+        self._normalize_kwargs = dict(normalize_kwargs or {})
         self.normalizer = self._make_normalizer(normalize_kwargs)
+        self.auto_normalize = bool(auto_normalize)
+        self.target_stats: dict[str, Any] = {}
+        if target_stats:
+            self._apply_target_stats(dict(target_stats))
+            self.target_stats = dict(target_stats)
         self.task_loss_scaling: dict[str, float] = self._make_scaling(task_loss_scaling)
         self._scheduler_specs = self._parse_schedulers(scheduler_kwargs)
         self.log_embeddings = bool(log_embeddings)
@@ -281,6 +222,8 @@ class BaseTaskModule(pl.LightningModule):
             "log_embeddings": self.log_embeddings,
             "log_embeddings_every_n_steps": self.log_embeddings_every_n_steps,
             "task_loss_scaling": to_plain(task_loss_scaling, where="task_loss_scaling"),
+            "auto_normalize": self.auto_normalize,
+            "target_stats": to_plain(target_stats, where="target_stats"),
         }
         self.save_hyperparameters(hparams)
 
@@ -393,7 +336,7 @@ class BaseTaskModule(pl.LightningModule):
 
     def _make_scaling(self, task_loss_scaling: Any) -> dict[str, float]:
         name = type(self).__name__
-        scaling = dict.fromkeys(self.task_keys, 1.0)
+        scaling = {key: float(self.default_loss_scaling.get(key, 1.0)) for key in self.task_keys}
         for key, value in (task_loss_scaling or {}).items():
             try:
                 scaling[str(key)] = float(value)
