@@ -64,18 +64,15 @@ def _solve_normal(ata: np.ndarray, aty: np.ndarray) -> np.ndarray:
     """Minimum-norm solution of ``ata @ c = aty`` restricted to the elements present.
 
     ``pinv(A^T A) A^T = pinv(A)``, so this equals the minimum-norm least-squares solution of
-    the original system. Columns are scaled to unit diagonal first for conditioning.
+    the original system ``A c = y``.
     """
     present = np.flatnonzero(np.diag(ata) > 0)
     out = np.zeros(ata.shape[0])
     if present.size == 0:
         return out
     sub = ata[np.ix_(present, present)]
-    scale = 1.0 / np.sqrt(np.diag(sub))
-    scaled = sub * scale[:, None] * scale[None, :]
     # relative cut-off on the singular values of A^T A (squares of those of A)
-    solution = np.linalg.pinv(scaled, rcond=1e-10, hermitian=True) @ (aty[present] * scale)
-    out[present] = solution * scale
+    out[present] = np.linalg.pinv(sub, rcond=1e-12, hermitian=True) @ aty[present]
     return out
 
 
