@@ -240,3 +240,18 @@ def test_force_loss_falls_within_a_fixed_number_of_steps():
     start, end = np.mean(history[:4]), np.mean(history[-4:])
     assert start > 0.5  # the untrained force loss is of order one (normalised by the force RMS)
     assert end < start / FORCE_LOSS_FACTOR, (start, end, history)
+
+
+def test_force_yardstick_uses_the_data_module_split():
+    """benchmarks/force_yardstick.py recomputes the LiPS split without matsciml; it must be the data module's."""
+    import importlib.util
+
+    from matsciml.lightning.datamodule import fractional_split
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "force_yardstick.py"
+    spec = importlib.util.spec_from_file_location("force_yardstick", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    expected = fractional_split(200, 0.2, 0.0, 0)
+    got = module.lips_split(200, 0.2, 0)
+    assert got == {"train": expected["train"], "val": expected["val"]}
