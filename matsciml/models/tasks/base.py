@@ -30,6 +30,7 @@ from matsciml.common.graph import get_graph, graph_index, num_graphs
 from matsciml.datasets.schema import canonical_targets
 from matsciml.models.heads import OutputHead
 from matsciml.models.losses import build_loss, masked_loss
+from matsciml.models.tasks.auto_normalize import TargetStatisticsMixin
 from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
 from matsciml.models.tasks.optim import with_schedulers
@@ -50,7 +51,7 @@ def _encoder_class(name: Any, where: str) -> Any:
     return lookup("encoder", name, where)
 
 
-class BaseTaskModule(TransferMixin, pl.LightningModule):
+class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
     """Base of the tasks: encoder, output heads, losses, normalisation, metrics, optimiser.
 
     Use a concrete task (:class:`~matsciml.models.tasks.scalar.ScalarRegressionTask`,
@@ -102,8 +103,19 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
     log_embeddings_every_n_steps
         How often, default 50 steps.
     task_loss_scaling
-        ``{key: weight}`` of each key's loss in the total (default 1.0 each). Kept as the
-        mutable dict ``task_loss_scaling``, read at every step.
+        ``{key: weight}`` of each key's loss in the total (default: the task's
+        ``default_loss_scaling``, 1.0 for keys it does not name). Kept as the mutable
+        dict ``task_loss_scaling``, read at every step.
+    auto_normalize
+        Default ``True``: at the start of ``fit``, targets without ``normalize_kwargs``
+        are normalised with statistics of the training split
+        (:mod:`~matsciml.models.tasks.statistics`; one pass, cached per dataset), which
+        are logged and stored in the hyperparameters as ``target_stats``.
+    target_stats
+        Statistics to use instead of computing them (the form
+        :func:`~matsciml.models.tasks.statistics.target_statistics` returns); filled
+        in automatically and saved in checkpoints, so a reloaded task predicts in data
+        units without the data. Hand-set ``normalize_kwargs`` win over them.
 
     Raises
     ------
@@ -129,6 +141,10 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
     allowed_task_keys: tuple[str, ...] | None = None
     #: metric kind of every key: "regression" (MAE) or "binary" (accuracy)
     metric_kind: str = REGRESSION
+    #: loss weight of each key when ``task_loss_scaling`` does not give one (others: 1.0)
+    default_loss_scaling: dict[str, float] = {}
+    #: keys that are extensive energies (per-element references in the statistics)
+    extensive_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -146,6 +162,8 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
         log_embeddings: bool = False,
         log_embeddings_every_n_steps: int = 50,
         task_loss_scaling: dict[str, float] | None = None,
+        auto_normalize: bool = True,
+        target_stats: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -168,7 +186,13 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
         self.output_kwargs = self._head_kwargs(output_kwargs)
         self.output_heads = self._make_output_heads()
         self.loss_funcs = self._make_losses(loss_func)
+        self._normalize_kwargs = dict(normalize_kwargs or {})
         self.normalizer = self._make_normalizer(normalize_kwargs)
+        self.auto_normalize = bool(auto_normalize)
+        self.target_stats: dict[str, Any] = {}
+        if target_stats:
+            self._apply_target_stats(dict(target_stats))
+            self.target_stats = dict(target_stats)
         self.task_loss_scaling: dict[str, float] = self._make_scaling(task_loss_scaling)
         self._scheduler_specs = self._parse_schedulers(scheduler_kwargs)
         self.log_embeddings = bool(log_embeddings)
@@ -188,6 +212,8 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
             "log_embeddings": self.log_embeddings,
             "log_embeddings_every_n_steps": self.log_embeddings_every_n_steps,
             "task_loss_scaling": to_plain(task_loss_scaling, where="task_loss_scaling"),
+            "auto_normalize": self.auto_normalize,
+            "target_stats": to_plain(target_stats, where="target_stats"),
         }
         self.save_hyperparameters(hparams)
 
@@ -300,7 +326,7 @@ class BaseTaskModule(TransferMixin, pl.LightningModule):
 
     def _make_scaling(self, task_loss_scaling: Any) -> dict[str, float]:
         name = type(self).__name__
-        scaling = dict.fromkeys(self.task_keys, 1.0)
+        scaling = {key: float(self.default_loss_scaling.get(key, 1.0)) for key in self.task_keys}
         for key, value in (task_loss_scaling or {}).items():
             try:
                 scaling[str(key)] = float(value)

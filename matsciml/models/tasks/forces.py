@@ -21,15 +21,20 @@ import torch
 from torch import nn
 
 from matsciml.common.errors import ConfigError, DataError
-from matsciml.common.graph import cells, get_graph, graph_index, is_dgl_graph, positions
+from matsciml.common.graph import atomic_numbers, cells, get_graph, graph_index, is_dgl_graph, positions
 from matsciml.models.embeddings import Embeddings
 from matsciml.models.heads import OutputHead
+from matsciml.models.losses import masked_loss
 from matsciml.models.tasks.base import BaseTaskModule
+from matsciml.models.tasks.energy_scale import AtomicEnergyScale, energy_settings
 from matsciml.models.tasks.metrics import REGRESSION
 from matsciml.models.tasks.normalization import TargetNormalizer
 from matsciml.registry import register_task
 
-__all__ = ["ForceRegressionTask", "energy_and_derivatives"]
+__all__ = ["ForceRegressionTask", "energy_and_derivatives", "DEFAULT_FORCES_WEIGHT"]
+
+#: Default weight of the (normalised) force loss; the energy's is 1.
+DEFAULT_FORCES_WEIGHT = 10.0
 
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -138,13 +143,23 @@ class ForceRegressionTask(BaseTaskModule):
         ``stress`` ``[B, 3, 3]`` (or Voigt ``[B, 6]`` in ASE order), eV/Å^3.
     loss_func
         Default ``torch.nn.L1Loss`` (per element).
+    task_loss_scaling
+        Default ``{energy: 1, forces: DEFAULT_FORCES_WEIGHT, stress: 1}`` on the
+        normalised losses (see below): forces weigh more than energies, as in the
+        interatomic potentials (nequip, MACE), because a structure has one energy and
+        ``3N`` force components that carry most of the information.
+    auto_normalize, target_stats
+        Default: with no hand-set ``energy_mean``/``energy_std``, the training split's
+        statistics set the per-atom energy ``e_i = scale * u_i + E0[Z_i]``: per-element
+        reference energies ``E0`` by least squares on composition, ``scale`` the force
+        RMS (see :mod:`~matsciml.models.tasks.energy_scale`); the energy loss is
+        normalised by the RMS of the residuals ``E - sum E0``, the force loss by the
+        force RMS.
     normalize_kwargs
-        Only ``energy_mean`` and ``energy_std`` count: the head predicts
-        ``(E - energy_mean) / energy_std``; forces and stress are scaled by
-        ``energy_std`` (mean 0), which keeps them the exact derivatives of the energy.
-        ``energy_mean`` is per structure; leaving it 0 lets the head's bias learn a
-        per-atom offset, and ``energy_std`` of the order of the force components' RMS
-        balances the two losses.
+        Only ``energy_mean`` and ``energy_std`` count; when given, they win over the
+        statistics: ``E = energy_std * sum_i u_i + energy_mean`` and every loss is
+        normalised by ``energy_std`` (forces and stress are scaled by it, mean 0, which
+        keeps them the exact derivatives of the energy).
 
     Validation, test and prediction need gradients: the task enables them itself
     (``torch.inference_mode(False)`` and ``torch.enable_grad()``, cloning tensors made in
@@ -171,6 +186,8 @@ class ForceRegressionTask(BaseTaskModule):
     """
 
     default_loss = nn.L1Loss
+    default_loss_scaling = {"energy": 1.0, "forces": DEFAULT_FORCES_WEIGHT, "stress": 1.0}
+    extensive_keys = ("energy",)
     default_task_keys = ("energy", "forces")
     allowed_task_keys = ("energy", "forces", "stress")
     metric_kind = REGRESSION
@@ -179,7 +196,20 @@ class ForceRegressionTask(BaseTaskModule):
         return nn.ModuleDict({"energy": OutputHead(output_dim=1, **self.output_kwargs)})
 
     def _make_normalizer(self, normalize_kwargs: Any) -> TargetNormalizer:
-        return TargetNormalizer(normalize_kwargs, ["energy"], derived={"forces": "energy", "stress": "energy"})
+        normalizer = TargetNormalizer(normalize_kwargs, ["energy"], derived={"forces": "energy", "stress": "energy"})
+        hand = normalizer.given("energy")
+        if not hasattr(self, "energy_scale"):
+            self.energy_scale = AtomicEnergyScale(energy_settings(hand, None))
+        return normalizer
+
+    def _statistics_keys(self) -> list[str]:
+        if "energy" in self._hand_set_keys():
+            return []
+        return [key for key in self.allowed_task_keys if key in self.task_keys]
+
+    def _apply_target_stats(self, stats: dict[str, Any]) -> None:
+        hand = self.normalizer.given("energy")
+        self.energy_scale.configure(energy_settings(hand, stats))
 
     def _target_layout(self, key: str) -> str:
         return {
@@ -199,7 +229,13 @@ class ForceRegressionTask(BaseTaskModule):
                 batch = {**batch, "targets": {**batch["targets"], "stress": full}}
         return super()._target(batch, key, like)
 
-    def _raw_predictions(self, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    def _predict(self, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, Any]:
+        """``(predictions in data units, normalised predictions, energy offsets, embeddings)``.
+
+        Normalised: energy ``(E - offset) / energy_loss_scale`` with ``offset`` the
+        ``[num_graphs]`` energy of the references (``sum_i E0[Z_i] + energy_mean``), forces
+        and stress divided by their loss scales (see :mod:`~matsciml.models.tasks.energy_scale`).
+        """
         want_forces = "forces" in self.task_keys
         want_stress = "stress" in self.task_keys
         keep_graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
@@ -215,20 +251,27 @@ class ForceRegressionTask(BaseTaskModule):
                     f"{type(self.encoder).__name__} gives no point (per-atom) embedding; ForceRegressionTask sums "
                     "per-atom energies and needs Embeddings.point_embedding"
                 )
-            atomic = self.output_heads["energy"](points).squeeze(-1)
-            index = graph_index(graph).to(atomic.device)
-            return atomic.new_zeros(batch_size).index_add(0, index, atomic)
+            outputs = self.output_heads["energy"](points).squeeze(-1)
+            index = graph_index(graph).to(outputs.device)
+            residual = self.energy_scale(outputs, index, batch_size)
+            offset = self.energy_scale.offset(atomic_numbers(graph).to(index.device), index, batch_size)
+            holder["residual"], holder["offset"] = residual, offset.to(residual.dtype)
+            return residual + holder["offset"]
 
         if not (want_forces or want_stress):
             out = energy_and_derivatives(energy_fn, get_graph(batch), forces=False)
-            return out, holder["embeddings"]
-        with torch.inference_mode(False), torch.enable_grad():
-            out = energy_and_derivatives(
-                energy_fn, get_graph(batch), forces=want_forces, stress=want_stress, create_graph=keep_graph
-            )
+        else:
+            with torch.inference_mode(False), torch.enable_grad():
+                out = energy_and_derivatives(
+                    energy_fn, get_graph(batch), forces=want_forces, stress=want_stress, create_graph=keep_graph
+                )
+        scales = self.energy_scale.loss_scales
+        normalised = {key: value / scales[key] for key, value in out.items() if key != "energy"}
+        normalised["energy"] = holder["residual"] / scales["energy"]
         embeddings = holder["embeddings"]
         if not keep_graph:
             out = {key: value.detach() for key, value in out.items()}
+            normalised = {key: value.detach() for key, value in normalised.items()}
             if isinstance(embeddings, Embeddings):
                 embeddings = Embeddings(
                     *(
@@ -236,7 +279,38 @@ class ForceRegressionTask(BaseTaskModule):
                         for t in (embeddings.system_embedding, embeddings.point_embedding)
                     )
                 )
-        return out, embeddings
+        return out, normalised, holder["offset"].detach(), embeddings
+
+    def _raw_predictions(self, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """Normalised predictions (see :meth:`_predict`) and the embeddings."""
+        _, normalised, _, embeddings = self._predict(batch)
+        return normalised, embeddings
+
+    def compute_losses(self, batch: Any) -> dict[str, Any]:
+        """Forward pass and normalised losses (see the base class and :meth:`_predict`)."""
+        predictions, normalised, offset, embeddings = self._predict(batch)
+        scales = self.energy_scale.loss_scales
+        per_key: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for key in self.task_keys:
+            target = self._target(batch, key, predictions[key])
+            if key == "energy":
+                target = target - offset.to(target.dtype)
+            per_key[key], counts[key] = masked_loss(self.loss_funcs[key], normalised[key], target / scales[key])
+        loss = sum(float(self.task_loss_scaling.get(key, 1.0)) * per_key[key] for key in self.task_keys)
+        return {
+            "loss": loss,
+            "per_key": per_key,
+            "counts": counts,
+            "predictions": {key: predictions[key] for key in self.task_keys},
+            "batch_size": self._batch_size(batch),
+            "embeddings": embeddings,
+        }
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Predictions ``{key: Tensor}`` in data units (eV, eV/Å, eV/Å^3)."""
+        predictions, _, _, _ = self._predict(batch)
+        return {key: predictions[key] for key in self.task_keys if key in predictions}
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{"ids", "natoms", "energy", "forces"[, "stress"]}`` in data units (forces concatenated)."""

@@ -82,6 +82,10 @@ class TargetNormalizer:
         self.keys = list(keys)
         self._stats = stats
 
+    def given(self, key: str) -> dict[str, float]:
+        """The values given for ``key``: ``{"mean": m, "std": s}`` (either may be missing; empty if none)."""
+        return dict(self._stats.get(key, {}))
+
     def mean(self, key: str) -> float:
         """Mean of ``key`` in data units (0 for derived keys and keys without statistics)."""
         if key in self.derived:
