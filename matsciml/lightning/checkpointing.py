@@ -81,7 +81,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> 
     OSError
         Writing or renaming failed (the temporary file is removed).
     """
-    with atomic_path(path, fsync=fsync) as tmp:
+    with atomic_path(path, suffix="", fsync=fsync) as tmp:  # no ".ckpt": a partial file never looks like a checkpoint
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
     return Path(path)

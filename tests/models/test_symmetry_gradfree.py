@@ -117,19 +117,19 @@ def test_gradfree_forces_direct_head_loss_and_mae_by_hand():
         encoder_kwargs=dict(helpers.ENCODER_KWARGS),
         output_kwargs={"hidden_dim": 8},
         normalize_kwargs={"force_std": 2.0},
-        task_keys=["force"],  # upstream's name; the data's "forces" is read
+        task_keys=["force"],  # upstream's name, read as the canonical "forces"
     ).double()
     g = torch.Generator().manual_seed(4)
     batch = {"features": torch.randn(5, 4, generator=g, dtype=torch.float64), "batch_size": 5}
     batch["targets"] = {"forces": torch.randn(5, 3, generator=g, dtype=torch.float64)}
     result = task.compute_losses(batch)
-    raw = task.output_heads["force"](task.encoder(batch).point_embedding)
+    raw = task.output_heads["forces"](task.encoder(batch).point_embedding)
     by_hand = ((raw - batch["targets"]["forces"] / 2.0) ** 2).mean()
-    assert result["per_key"]["force"].item() == pytest.approx(by_hand.item(), rel=1e-12)
-    assert torch.allclose(result["predictions"]["force"], raw * 2.0)
-    logged = task.task_metrics.update("val", result, {"force": batch["targets"]["forces"]})
+    assert result["per_key"]["forces"].item() == pytest.approx(by_hand.item(), rel=1e-12)
+    assert torch.allclose(result["predictions"]["forces"], raw * 2.0)
+    logged = task.task_metrics.update("val", result, {"forces": batch["targets"]["forces"]})
     mae = (raw.detach() * 2.0 - batch["targets"]["forces"]).abs().mean()
-    assert logged["val_force_mae"].compute().item() == pytest.approx(mae.item(), rel=1e-6)
+    assert logged["val_forces_mae"].compute().item() == pytest.approx(mae.item(), rel=1e-6)
     result["loss"].backward()
     assert all(p.grad is not None for p in task.parameters())
     with pytest.raises(ConfigError, match="task key 'forcez'.*did you mean"):

@@ -45,6 +45,17 @@ _HEAD_ARGS = tuple(p for p in inspect.signature(OutputHead).parameters if p != "
 _SCHEDULER_KEYS = ("class_path", "init_args", "interval", "frequency", "monitor", "name", "strict")
 
 
+def _canonical_normalize_kwargs(normalize_kwargs: Any) -> Any:
+    """``{force_std: 2}`` -> ``{forces_std: 2}``: statistics keyed by the canonical target names."""
+    if not isinstance(normalize_kwargs, Mapping):
+        return normalize_kwargs
+    out = {}
+    for key, value in normalize_kwargs.items():
+        base, sep, stat = str(key).rpartition("_")
+        out[f"{canonical_targets([base])[0]}{sep}{stat}" if sep and base else key] = value
+    return out
+
+
 # ----------------------------------------------------------------------------- encoders
 def _encoder_class(name: Any, where: str) -> Any:
     """Resolve an encoder class: a class, a dotted path, or a registered encoder name."""
@@ -186,6 +197,7 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
         self.output_kwargs = self._head_kwargs(output_kwargs)
         self.output_heads = self._make_output_heads()
         self.loss_funcs = self._make_losses(loss_func)
+        normalize_kwargs = _canonical_normalize_kwargs(normalize_kwargs)
         self._normalize_kwargs = dict(normalize_kwargs or {})
         self.normalizer = self._make_normalizer(normalize_kwargs)
         self.auto_normalize = bool(auto_normalize)
