@@ -13,7 +13,8 @@ Watching a run
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
-    :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`.
+    :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`, :class:`StopTrainingError`
+    (raise it anywhere to end training cleanly) and :class:`StopTrainingCheckpoint`.
 Train-end pipeline
     :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
 Batch jobs and logs
@@ -58,6 +59,7 @@ from matsciml.lightning.callbacks.progress import LogProgressBar
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
 from matsciml.lightning.callbacks.rng_state import RNGStateCallback
 from matsciml.lightning.callbacks.sam import SAM
+from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint, StopTrainingError
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
@@ -100,6 +102,8 @@ __all__ = [
     "TrainingPreempted",
     "RNGStateCallback",
     "LogProgressBar",
+    "StopTrainingError",
+    "StopTrainingCheckpoint",
     "build_callbacks",
 ]
 
