@@ -148,8 +148,6 @@ def build_callbacks(file: ConfigFile, run_dir: str | Path) -> list:
             cls = _spec_class(spec, where)
             if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
                 spec = _with_defaults(spec, {"dirpath": ckpt_dir})
-            callbacks.append(_instantiate(spec, where))
-            continue
         callback = build_callback(spec, where)
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = ckpt_dir
