@@ -1,4 +1,5 @@
 """Other frameworks' callback spellings (Noether, luxonis-train) through the builder and the runner."""
+# ruff: noqa: F811 - the fixture `configs` is imported from test_runner
 
 from __future__ import annotations
 

@@ -49,7 +49,15 @@ from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError, closest
 from matsciml.registry import import_path, registry
 
-__all__ = ["ALIASES", "ARGUMENT_ALIASES", "PERIOD_KEYS", "build_callbacks", "build_callback", "resolve_kind", "register_builtin_callbacks"]
+__all__ = [
+    "ALIASES",
+    "ARGUMENT_ALIASES",
+    "PERIOD_KEYS",
+    "build_callbacks",
+    "build_callback",
+    "resolve_kind",
+    "register_builtin_callbacks",
+]
 
 #: Short names of callbacks (matched ignoring case, ``_`` and ``-``).
 ALIASES: dict[str, str] = {
