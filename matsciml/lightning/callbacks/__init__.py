@@ -9,7 +9,7 @@ Catching faults
     :class:`TrainingHelperCallback`, :class:`ModelAutocorrelation`, :class:`LossSpikeDetection`.
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
-    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`.
+    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`.
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
@@ -54,6 +54,7 @@ from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
+from matsciml.lightning.callbacks.param_count import ParamCountCallback
 from matsciml.lightning.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
 from matsciml.lightning.callbacks.progress import LogProgressBar
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
@@ -103,6 +104,7 @@ __all__ = [
     "RNGStateCallback",
     "LogProgressBar",
     "StopTrainingError",
+    "ParamCountCallback",
     "StopTrainingCheckpoint",
     "build_callbacks",
 ]
