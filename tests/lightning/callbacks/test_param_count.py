@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 
 import pytest
+from _callback_toys import ToyTask, make_datamodule, make_trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from _callback_toys import ToyTask, make_datamodule, make_trainer
 from matsciml.lightning.callbacks import ParamCountCallback
 from matsciml.lightning.callbacks.param_count import count_parameters
 
