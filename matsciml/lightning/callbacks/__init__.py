@@ -9,7 +9,8 @@ Catching faults
     :class:`TrainingHelperCallback`, :class:`ModelAutocorrelation`, :class:`LossSpikeDetection`.
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
-    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`.
+    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`,
+    :class:`TrackOutputsCallback`.
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
@@ -63,6 +64,7 @@ from matsciml.lightning.callbacks.sam import SAM
 from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint, StopTrainingError
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
+from matsciml.lightning.callbacks.track_outputs import TrackOutputsCallback
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
 
@@ -105,6 +107,7 @@ __all__ = [
     "LogProgressBar",
     "StopTrainingError",
     "ParamCountCallback",
+    "TrackOutputsCallback",
     "StopTrainingCheckpoint",
     "build_callbacks",
 ]
