@@ -10,7 +10,7 @@ Catching faults
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
     :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`,
-    :class:`TrackOutputsCallback`.
+    :class:`TrackOutputsCallback`, :class:`DatasetStatsCallback`.
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
@@ -40,6 +40,7 @@ from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
 from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
+from matsciml.lightning.callbacks.dataset_stats import DatasetStatsCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.events import fire_event
 from matsciml.lightning.callbacks.garbage import GarbageCallback
@@ -107,6 +108,7 @@ __all__ = [
     "LogProgressBar",
     "StopTrainingError",
     "ParamCountCallback",
+    "DatasetStatsCallback",
     "TrackOutputsCallback",
     "StopTrainingCheckpoint",
     "build_callbacks",
