@@ -10,7 +10,8 @@ Catching faults
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
     :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`,
-    :class:`TrackOutputsCallback`, :class:`DatasetStatsCallback`.
+    :class:`TrackOutputsCallback`, :class:`DatasetStatsCallback`,
+    :class:`AtomAttributionCallback` (per-atom attribution pictures).
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
@@ -36,6 +37,7 @@ import sys
 from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
 from matsciml.lightning.callbacks._base.train_end import TrainEndCallback
+from matsciml.lightning.callbacks.atom_attribution import AtomAttributionCallback
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
@@ -108,6 +110,7 @@ __all__ = [
     "LogProgressBar",
     "StopTrainingError",
     "ParamCountCallback",
+    "AtomAttributionCallback",
     "DatasetStatsCallback",
     "TrackOutputsCallback",
     "StopTrainingCheckpoint",

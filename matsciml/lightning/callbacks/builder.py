@@ -77,6 +77,7 @@ ALIASES: dict[str, str] = {
     "BestMetricCallback": "matsciml.lightning.callbacks.best.BestMetricTracker",
     "FixedUpdateEarlyStopping": "matsciml.lightning.callbacks.stopping.FixedBudgetStopping",
     "CheckpointCallback": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "GradCamCallback": "matsciml.lightning.callbacks.atom_attribution.AtomAttributionCallback",
 }
 
 #: Argument names of other frameworks: ``{class name: {their name: function(value) -> (our name, value)}}``.

@@ -55,3 +55,34 @@ def test_bad_layer_and_target(task_and_batch):
         find_layer(task, "encoder.atom_embeding")
     with pytest.raises(ConfigError, match="task='energy'"):
         atom_attributions(task, batch, "energy", find_layer(task, None))
+
+
+def test_callback_writes_pictures_and_a_complete_csv(tmp_path, task_and_batch):
+    import csv
+
+    import lightning.pytorch as pl
+
+    from matsciml.lightning.callbacks import AtomAttributionCallback
+    from matsciml.lightning.callbacks.builder import build_callback
+
+    cb = build_callback({"kind": "GradCamCallback", "task": TARGET, "log_n_batches": 1, "steps": 32})
+    assert isinstance(cb, AtomAttributionCallback)
+    task, _ = task_and_batch
+    dm = MatSciMLDataModule.from_devset(dset_kwargs={"n": 8}, val_split=0.5, target_keys=[TARGET], batch_size=4)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[cb],
+        limit_train_batches=1,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=dm)
+    assert cb.images and all(p.is_file() and p.stat().st_size > 5000 for p in cb.images)
+    with open(tmp_path / "attributions" / "attributions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    by_id: dict[str, list] = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r)
+    assert len(by_id) == 4
+    for atoms in by_id.values():
+        total = sum(float(r["attribution"]) for r in atoms)
+        expected = float(atoms[0]["prediction"]) - float(atoms[0]["baseline_prediction"])
+        assert total == pytest.approx(expected, rel=1e-3, abs=1e-6)
