@@ -145,3 +145,25 @@ def test_luxonis_style_yaml_runs_through_the_runner(configs, tmp_path):
     assert (ema.warmup, ema.decay_tau) == ("exponential", 2000.0)
     meta = next(cb for cb in result.trainer.callbacks if isinstance(cb, MetadataLogger))
     assert meta.keys == ["lr"]
+
+
+class StopAtStep(Callback):
+    """Raises StopTrainingError at the start of optimizer step ``step``."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from matsciml.lightning.callbacks import StopTrainingError
+
+        if trainer.global_step == self.step:
+            raise StopTrainingError("enough for this test")
+
+
+def test_stop_training_error_through_the_runner_is_a_finished_run(configs, tmp_path):
+    text = NOETHER.replace("callbacks:\n", "callbacks:\n  - {kind: test_callback_spellings.StopAtStep, step: 4}\n")
+    result = _run(configs, tmp_path, text)
+    assert result.preempted is None and result.trainer.global_step == 4
+    stopped = result.run_dir / "checkpoints" / "stopped.ckpt"
+    assert torch.load(stopped, weights_only=True, map_location="cpu")["global_step"] == 4
+    assert "Validation MAE" in result.summary_text
