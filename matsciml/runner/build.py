@@ -148,8 +148,6 @@ def build_callbacks(file: ConfigFile, run_dir: str | Path) -> list:
             cls = _spec_class(spec, where)
             if isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
                 spec = _with_defaults(spec, {"dirpath": ckpt_dir})
-            callbacks.append(_instantiate(spec, where))
-            continue
         callback = build_callback(spec, where)
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = ckpt_dir
@@ -168,6 +166,8 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
       checkpoints, restored on resume);
     * :class:`~matsciml.lightning.hpc.PreemptionCheckpoint` (resume checkpoint at the next
       step boundary after the requeue signal or ``SIGTERM``; requeue under SLURM);
+    * :class:`~matsciml.lightning.callbacks.StopTrainingCheckpoint` (a checkpoint when a
+      hook or the task raises :class:`~matsciml.lightning.callbacks.StopTrainingError`);
     * :class:`~matsciml.lightning.progress.LogProgressBar` when standard output is not a
       terminal (batch logs), unless the config turns the progress bar off or lists a
       progress bar.
@@ -176,6 +176,7 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
 
     from lightning.pytorch.callbacks import ProgressBar
 
+    from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint
     from matsciml.lightning.hpc import PreemptionCheckpoint
     from matsciml.lightning.progress import LogProgressBar
     from matsciml.lightning.seeding import RNGStateCallback
@@ -185,6 +186,8 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
         out.append(RNGStateCallback())
     if not any(isinstance(cb, PreemptionCheckpoint) for cb in out):
         out.append(PreemptionCheckpoint())
+    if not any(isinstance(cb, StopTrainingCheckpoint) for cb in out):
+        out.append(StopTrainingCheckpoint())
     if stdout_is_terminal is None:
         stdout_is_terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
     wants_bar = trainer_kwargs.get("enable_progress_bar", True) is not False

@@ -487,6 +487,7 @@ def run_experiment(
     )
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+    from matsciml.lightning.callbacks.stop_training import StopTrainingError
     from matsciml.lightning.hpc import PreemptionCheckpoint, TrainingPreempted
     from matsciml.lightning.progress import show_warnings_on_rank_zero_only
 
@@ -512,6 +513,8 @@ def run_experiment(
             rank_zero_info(f"Resuming from {checkpoint}")
         try:
             trainer.fit(prepared.task, datamodule=prepared.datamodule, ckpt_path=checkpoint)
+        except StopTrainingError as stop:  # a deliberate end of training: summarised as a finished run
+            rank_zero_info(str(stop))
         except TrainingPreempted as stop:
             return RunResult(
                 run_dir=prepared.run_dir,

@@ -9,11 +9,14 @@ Catching faults
     :class:`TrainingHelperCallback`, :class:`ModelAutocorrelation`, :class:`LossSpikeDetection`.
 Watching a run
     :class:`ThroughputCallback`, :class:`PeakMemoryCallback`, :class:`GarbageCallback`,
-    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`.
+    :class:`LossScalingScheduler`, :class:`TrainingDynamicsReport`, :class:`ParamCountCallback`,
+    :class:`TrackOutputsCallback`, :class:`DatasetStatsCallback`,
+    :class:`AtomAttributionCallback` (per-atom attribution pictures).
 Periodic work, stopping and best checkpoints
     :class:`PeriodicCallback`, :class:`PeriodicDataIteratorCallback`, :class:`MetricEarlyStopping`,
     :class:`FixedBudgetStopping`, :class:`TerminateOnNaN`, :class:`BestCheckpoint`,
-    :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`.
+    :class:`BestMetricTracker`, :func:`fire_event`, :func:`isolate`, :class:`StopTrainingError`
+    (raise it anywhere to end training cleanly) and :class:`StopTrainingCheckpoint`.
 Train-end pipeline
     :class:`TestOnTrainEnd`, :class:`ExportOnTrainEnd`, :class:`ArchiveOnTrainEnd`, :class:`MetadataLogger`.
 Prediction writers (``trainer.predict``)
@@ -36,10 +39,12 @@ import sys
 from matsciml.lightning.callbacks._base.isolation import CallbackError, IsolatedCallback, isolate
 from matsciml.lightning.callbacks._base.periodic import PeriodicCallback
 from matsciml.lightning.callbacks._base.train_end import TrainEndCallback
+from matsciml.lightning.callbacks.atom_attribution import AtomAttributionCallback
 from matsciml.lightning.callbacks.autocorrelation import ModelAutocorrelation
 from matsciml.lightning.callbacks.best import BestCheckpoint, BestMetricTracker
 from matsciml.lightning.callbacks.builder import build_callbacks, register_builtin_callbacks
 from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
+from matsciml.lightning.callbacks.dataset_stats import DatasetStatsCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.events import fire_event
 from matsciml.lightning.callbacks.garbage import GarbageCallback
@@ -55,13 +60,16 @@ from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection
 from matsciml.lightning.callbacks.memory import PeakMemoryCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.nan import ForwardNaNDetection
+from matsciml.lightning.callbacks.param_count import ParamCountCallback
 from matsciml.lightning.callbacks.preemption import PreemptionCheckpoint, TrainingPreempted
 from matsciml.lightning.callbacks.progress import LogProgressBar
 from matsciml.lightning.callbacks.report import TrainingDynamicsReport
 from matsciml.lightning.callbacks.rng_state import RNGStateCallback
 from matsciml.lightning.callbacks.sam import SAM
+from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint, StopTrainingError
 from matsciml.lightning.callbacks.stopping import FixedBudgetStopping, MetricEarlyStopping, TerminateOnNaN
 from matsciml.lightning.callbacks.throughput import ThroughputCallback
+from matsciml.lightning.callbacks.track_outputs import TrackOutputsCallback
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
 from matsciml.lightning.writers import InferenceWriter, LeaderboardWriter
@@ -105,6 +113,12 @@ __all__ = [
     "TrainingPreempted",
     "RNGStateCallback",
     "LogProgressBar",
+    "StopTrainingError",
+    "ParamCountCallback",
+    "AtomAttributionCallback",
+    "DatasetStatsCallback",
+    "TrackOutputsCallback",
+    "StopTrainingCheckpoint",
     "build_callbacks",
 ]
 

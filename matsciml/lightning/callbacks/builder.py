@@ -49,7 +49,15 @@ from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError, closest
 from matsciml.registry import import_path, registry
 
-__all__ = ["ALIASES", "PERIOD_KEYS", "build_callbacks", "build_callback", "resolve_kind", "register_builtin_callbacks"]
+__all__ = [
+    "ALIASES",
+    "ARGUMENT_ALIASES",
+    "PERIOD_KEYS",
+    "build_callbacks",
+    "build_callback",
+    "resolve_kind",
+    "register_builtin_callbacks",
+]
 
 #: Short names of callbacks (matched ignoring case, ``_`` and ``-``).
 ALIASES: dict[str, str] = {
@@ -63,6 +71,24 @@ ALIASES: dict[str, str] = {
     "model_checkpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
     "early_stopping": "lightning.pytorch.callbacks.EarlyStopping",
     "lr_monitor": "lightning.pytorch.callbacks.LearningRateMonitor",
+    # the class names of other frameworks (Noether, luxonis-train)
+    "EMACallback": "matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback",
+    "BestCheckpointCallback": "matsciml.lightning.callbacks.best.BestCheckpoint",
+    "BestMetricCallback": "matsciml.lightning.callbacks.best.BestMetricTracker",
+    "FixedUpdateEarlyStopping": "matsciml.lightning.callbacks.stopping.FixedBudgetStopping",
+    "CheckpointCallback": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "GradCamCallback": "matsciml.lightning.callbacks.atom_attribution.AtomAttributionCallback",
+}
+
+#: Argument names of other frameworks: ``{class name: {their name: function(value) -> (our name, value)}}``.
+#: ``ExponentialMovingAverageCallback``: ``use_dynamic_decay: true`` (luxonis-train) is
+#: ``warmup: exponential`` (``decay * (1 - exp(-updates / decay_tau))``), ``false`` is
+#: ``warmup: none``. ``MetadataLogger``: ``hyperparams`` (luxonis-train) is ``keys``.
+ARGUMENT_ALIASES: dict[str, dict[str, Any]] = {
+    "ExponentialMovingAverageCallback": {
+        "use_dynamic_decay": lambda value: ("warmup", "exponential" if value else "none"),
+    },
+    "MetadataLogger": {"hyperparams": lambda value: ("keys", value)},
 }
 #: The keys that say how often a periodic callback runs (at most one per entry).
 PERIOD_KEYS = ("every_n_epochs", "every_n_updates", "every_n_samples")
@@ -127,6 +153,47 @@ def _located(err: ConfigError, where: str) -> ConfigError:
     return err if where in str(err) else ConfigError(f"{where}: {err}")
 
 
+def _adapt(cls: type, kwargs: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constructor arguments, wrapper arguments): other frameworks' argument names mapped to ours,
+    and ``every_n_*`` / ``name`` taken out when ``cls`` does not take them (see :class:`EveryN`)."""
+    kwargs = dict(kwargs)
+    for klass in getattr(cls, "__mro__", ()):
+        for theirs, convert in ARGUMENT_ALIASES.get(klass.__name__, {}).items():
+            if theirs in kwargs:
+                ours, value = convert(kwargs.pop(theirs))
+                if ours in kwargs:
+                    raise ConfigError(f"{where}: give {theirs!r} or {ours!r}, not both ({theirs!r} means {ours!r})")
+                kwargs[ours] = value
+    names, var_kw = _accepted(cls)
+    wrapper = {}
+    for key in (*PERIOD_KEYS, "name"):
+        if key in kwargs and key not in names and not var_kw:
+            wrapper[key] = kwargs.pop(key)
+    if "name" in wrapper and not any(k in wrapper for k in PERIOD_KEYS):
+        wrapper = {"name": wrapper["name"]}
+    return kwargs, wrapper
+
+
+def _wrapped(callback: Any, wrapper: dict[str, Any], where: str) -> Any:
+    """``callback`` with its ``name`` set, inside :class:`EveryN` when a period is given."""
+    if not wrapper:
+        return callback
+    name = wrapper.get("name")
+    if name is not None and getattr(callback, "name", None) is None:
+        try:
+            callback.name = str(name)
+        except AttributeError:
+            pass
+    if not any(k in wrapper for k in PERIOD_KEYS):
+        return callback
+    from matsciml.lightning.callbacks._base.every import EveryN
+
+    try:
+        return EveryN(callback, **wrapper)
+    except ConfigError as err:
+        raise _located(err, where) from None
+
+
 def _construct(cls: type, kwargs: dict[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
@@ -162,8 +229,12 @@ def _from_class_path(spec: Mapping[str, Any], where: str) -> Any:
     init_args = spec.get("init_args") or {}
     if not isinstance(init_args, Mapping):
         raise ConfigError(f"{where}.init_args: expected a mapping of constructor arguments, got {init_args!r}")
+    wrapper: dict[str, Any] = {}
+    if isinstance(cls, type):
+        adapted, wrapper = _adapt(cls, dict(init_args), f"{where}.init_args")
+        spec = {**spec, "init_args": adapted}
     try:
-        return instantiate(dict(spec), where)
+        return _wrapped(instantiate(dict(spec), where), wrapper, where)
     except ConfigError as err:
         raise _located(err, where) from None
     except (TypeError, ValueError) as err:
@@ -176,11 +247,8 @@ def _from_kind(spec: Mapping[str, Any], where: str) -> Any:
     periods = [k for k in PERIOD_KEYS if k in kwargs]
     if len(periods) > 1:
         raise ConfigError(f"{where}: give at most one of {', '.join(PERIOD_KEYS)}; found {', '.join(periods)}")
+    kwargs, wrapper = _adapt(cls, kwargs, where)
     names, var_kw = _accepted(cls)
-    if periods and not var_kw and periods[0] not in names:
-        raise ConfigError(
-            f"{where}: kind {spec['kind']!r} ({cls.__name__}) does not run periodically: it takes no {periods[0]}"
-        )
     if not var_kw:
         for key in kwargs:
             if key not in names:
@@ -189,7 +257,7 @@ def _from_kind(spec: Mapping[str, Any], where: str) -> Any:
                     f"{closest(key, [*names, 'kind'])}"
                 )
     built = {k: instantiate(v, f"{where}.{k}") for k, v in kwargs.items()}
-    return _construct(cls, built, where)
+    return _wrapped(_construct(cls, built, where), wrapper, where)
 
 
 def build_callback(spec: Any, where: str = "callbacks[0]") -> Callback:

@@ -25,9 +25,11 @@ are on disk: an export error must not lose the archive).
 * ``"metric"``: ``best_model_path`` of the first one with a ``monitor``;
 * ``"loss"``: ``best_model_path`` of the first one monitoring ``loss_monitor``
   (``"val_loss"``);
-* when that one is missing: the last checkpoint (``last_model_path``, else the newest
-  checkpoint of a ``ModelCheckpoint`` without ``monitor``), with a warning; when there is
-  none either, the weights in memory, with a warning.
+* when that one is missing: the other best checkpoint (``"loss"`` for ``"metric"`` and
+  the reverse), else the last checkpoint (``last_model_path``, else the newest checkpoint
+  of a ``ModelCheckpoint`` without ``monitor``), with a warning; when there is none either,
+  the stage is skipped with a warning. The weights in memory are used only when asked
+  for (``preferred_checkpoint: current``).
 
 With :class:`~matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback` on,
 a checkpoint's ``state_dict`` holds the EMA weights, so the tested, exported and archived
@@ -91,8 +93,8 @@ class TestOnTrainEnd(TrainEndCallback):
     ----------
     preferred_checkpoint
         ``"metric"`` (default: best by the ``ModelCheckpoint`` monitor) or ``"loss"``
-        (best by ``loss_monitor``); falls back to the last checkpoint, then to the
-        weights in memory, with a warning.
+        (best by ``loss_monitor``); falls back to the other best checkpoint, then to the
+        last one, else the stage is skipped with a warning; ``"current"``: the weights in memory.
     loss_monitor
         Logged validation loss, default ``"val_loss"``.
     verbose

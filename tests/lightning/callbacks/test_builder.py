@@ -74,7 +74,8 @@ def test_short_names_ignore_case_and_separators():
     [
         ({"kind": "ema", "decy": 0.9}, r"callbacks\[1\]: unknown key 'decy' for kind 'ema' .* did you mean 'decay'"),
         ({"kind": "emma"}, r"callbacks\[1\]: unknown callback kind 'emma'; did you mean 'ema'"),
-        ({"kind": "ema", "every_n_epochs": 2}, r"callbacks\[1\]: kind 'ema' .* takes no every_n_epochs"),
+        ({"kind": "ema", "every_n_epochs": 0}, r"callbacks\[1\]: .*every_n_epochs"),
+        ({"kind": "ema", "use_dynamic_decay": True, "warmup": "none"}, r"callbacks\[1\]: give 'use_dynamic_decay' or"),
         (
             {"kind": PERIODIC, "every_n_epochs": 1, "every_n_samples": 64},
             r"callbacks\[1\]: give at most one of .* found every_n_epochs, every_n_samples",

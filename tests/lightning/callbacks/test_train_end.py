@@ -16,13 +16,21 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _callback_toys import ToyTask
+from _callback_toys import make_datamodule as toy_datamodule
+from _callback_toys import make_trainer as toy_trainer
 from helpers import tiny_egnn_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks import train_end
-from matsciml.lightning.callbacks._base.train_end import TrainEndCallback, choose_checkpoint, find_checkpoints
+from matsciml.lightning.callbacks._base.train_end import (
+    SkipStage,
+    TrainEndCallback,
+    choose_checkpoint,
+    find_checkpoints,
+)
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.lightning.callbacks.metadata import MetadataLogger
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd
@@ -254,15 +262,36 @@ def test_checkpoint_choice_and_fallbacks(tmp_path):
     last.write_bytes(b"x")
     only_metric = _records(tmp_path, ["val_energy_mae"])
     only_metric[0]["last_model_path"] = str(last)
-    with pytest.warns(UserWarning, match="no ModelCheckpoint monitors the validation loss; using the last"):
+    # the preferred kind is missing: the other best checkpoint comes before the last one
+    with pytest.warns(UserWarning, match="no ModelCheckpoint monitors the validation loss; using the metric"):
         choice = choose_checkpoint(find_checkpoints(only_metric), "loss", "ExportOnTrainEnd")
+    assert choice.path.name == "best0.ckpt" and choice.kind == "metric" and choice.fallback
+    only_loss = _records(tmp_path, ["val_loss"])
+    only_loss[0]["last_model_path"] = str(last)
+    found_loss = {k: v for k, v in find_checkpoints(only_loss).items() if k != "metric"}
+    with pytest.warns(UserWarning, match="no ModelCheckpoint with a monitor saved a checkpoint; using the loss"):
+        assert choose_checkpoint(found_loss, "metric").path.name == "best0.ckpt"
+    only_last = {k: v for k, v in find_checkpoints(only_metric).items() if k == "last"}
+    with pytest.warns(UserWarning, match="using the last checkpoint"):
+        choice = choose_checkpoint(only_last, "loss", "ExportOnTrainEnd")
     assert choice.path == last and choice.kind == "last" and choice.fallback
 
     unmonitored = _records(tmp_path, [None])  # a ModelCheckpoint without monitor keeps the newest file
     with pytest.warns(UserWarning, match="using the last checkpoint"):
         assert choose_checkpoint(find_checkpoints(unmonitored), "metric").path.name == "best0.ckpt"
-    with pytest.warns(UserWarning, match="weights in memory"):
-        assert choose_checkpoint({}, "metric").kind == "current"
+    # no checkpoint at all: the stage is skipped, unless the weights in memory are asked for
+    with pytest.raises(SkipStage, match="stage skipped"):
+        choose_checkpoint({}, "metric")
+    assert choose_checkpoint(found, "current").kind == "current" and choose_checkpoint(found, "current").path is None
+
+
+def test_a_stage_without_checkpoint_is_skipped_with_a_warning(tmp_path):
+    stage = ExportOnTrainEnd()
+    trainer = toy_trainer(tmp_path, [stage], max_epochs=1)  # no ModelCheckpoint: no checkpoint on disk
+    trainer.fit(ToyTask(), datamodule=toy_datamodule(n=8))
+    assert stage.context.export_path is None and not (tmp_path / "export").exists()
+    assert stage.context.errors["ExportOnTrainEnd"].startswith("skipped:")
+    assert "stage skipped" in stage.context.errors["ExportOnTrainEnd"]
 
 
 def test_constructor_errors():
@@ -307,15 +336,15 @@ def test_export_falls_back_to_the_other_method(run, tmp_path):
         warnings.simplefilter("always")
         stage.run_train_end(trainer, run["task"], context)
     messages = [str(w.message) for w in caught]
-    # no checkpoint monitors val_loss in this run: the last one is used
-    assert context.used["ExportOnTrainEnd"].kind == "last"
-    assert context.used["ExportOnTrainEnd"].path.as_posix() == run["checkpoint"]["last"]
+    # no checkpoint monitors val_loss in this run: the other best checkpoint (by the metric) is used
+    assert context.used["ExportOnTrainEnd"].kind == "metric"
+    assert context.used["ExportOnTrainEnd"].path.as_posix() == run["checkpoint"]["best"]
     model = load_exported(stage.path)
     if model.method == "export":  # the encoder became export-friendly
         return
     assert any("method='export' failed" in m for m in messages)
     assert stage.path == tmp_path / "model.pt" and context.export_info["method"] == "torchscript"
-    reference = ScalarRegressionTask.load_from_checkpoint(run["checkpoint"]["last"], map_location="cpu").eval()
+    reference = ScalarRegressionTask.load_from_checkpoint(run["checkpoint"]["best"], map_location="cpu").eval()
     batch = next(iter(run["dm"].val_dataloader()))
     with torch.no_grad():
         expected = reference(batch)[TARGET]

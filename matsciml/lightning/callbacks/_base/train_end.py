@@ -34,10 +34,15 @@ __all__ = [
     "run_train_end_pipeline",
     "choose_checkpoint",
     "load_checkpoint_weights",
+    "SkipStage",
 ]
 
-#: Values of ``preferred_checkpoint``.
-CHECKPOINT_PREFERENCES = ("metric", "loss")
+#: Values of ``preferred_checkpoint`` (``"current"``: the weights in memory, only when asked for).
+CHECKPOINT_PREFERENCES = ("metric", "loss", "current")
+
+
+class SkipStage(Exception):  # noqa: N818 - a signal to the pipeline, not an error
+    """Raised by a stage that has no checkpoint to work on; the pipeline skips it with a warning."""
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -137,22 +142,34 @@ def find_checkpoints(
 
 
 def choose_checkpoint(found: dict[str, CheckpointChoice], preferred: str, who: str = "") -> CheckpointChoice:
-    """``found[preferred]``, else the last checkpoint, else the weights in memory (warning for each fallback)."""
+    """The checkpoint a train-end stage uses.
+
+    ``found[preferred]``; else the other best checkpoint (``"loss"`` for ``"metric"`` and the
+    reverse); else the last checkpoint; each fallback with a warning. ``preferred="current"``
+    takes the weights in memory. Otherwise, with no checkpoint at all, :class:`SkipStage`.
+
+    Raises
+    ------
+    SkipStage
+        No checkpoint exists and the weights in memory were not asked for.
+    """
+    if preferred == "current":
+        return CheckpointChoice(None, "current")
     if preferred in found:
         return found[preferred]
     what = {"metric": "no ModelCheckpoint with a monitor saved a checkpoint",
             "loss": "no ModelCheckpoint monitors the validation loss"}[preferred]  # fmt: skip
     prefix = f"{who}: " if who else ""
-    if "last" in found:
-        reason = f"preferred_checkpoint={preferred!r} but {what}; using the last checkpoint {found['last'].path}"
-        rank_zero_warn(prefix + reason)
-        last = found["last"]
-        return CheckpointChoice(last.path, "last", fallback=reason)
-    reason = (
-        f"preferred_checkpoint={preferred!r} but {what}, and there is no last checkpoint; using the weights in memory"
+    for other in ("loss" if preferred == "metric" else "metric", "last"):
+        if other in found:
+            reason = f"preferred_checkpoint={preferred!r} but {what}; using the {other} checkpoint {found[other].path}"
+            rank_zero_warn(prefix + reason)
+            return CheckpointChoice(found[other].path, found[other].kind, found[other].monitor,
+                                    found[other].score, fallback=reason)  # fmt: skip
+    raise SkipStage(
+        f"preferred_checkpoint={preferred!r} but {what}, and there is no other checkpoint; stage skipped "
+        "(preferred_checkpoint: current uses the weights in memory)"
     )
-    rank_zero_warn(prefix + reason)
-    return CheckpointChoice(None, "current", fallback=reason)
 
 
 def _check_preference(value: str, name: str) -> str:
@@ -232,7 +249,9 @@ class TrainEndCallback(Callback):
     Parameters
     ----------
     preferred_checkpoint
-        ``"metric"`` (default) or ``"loss"``.
+        ``"metric"`` (default), ``"loss"`` or ``"current"`` (the weights in memory). Without
+        the preferred checkpoint the other best one is used, else the last one, else the
+        stage is skipped with a warning (see :func:`choose_checkpoint`).
     loss_monitor
         Name of the logged validation loss, default ``"val_loss"``.
 
@@ -291,6 +310,9 @@ def run_train_end_pipeline(
         member.context = context
         try:
             member.run_train_end(trainer, pl_module, context)
+        except SkipStage as skip:
+            context.errors[member.stage_name] = f"skipped: {skip}"
+            rank_zero_warn(f"{member.stage_name}: {skip}")
         except Exception as err:  # noqa: BLE001 - one failing stage must not stop the others
             context.errors[member.stage_name] = f"{type(err).__name__}: {err}"
             rank_zero_warn(
