@@ -479,9 +479,25 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
         return {key: self._to_data_units(key, value) for key, value in raw.items()}
 
     # ------------------------------------------------------------------ Lightning hooks
-    def _log_metrics(self, split: str, result: dict[str, Any], batch: Any) -> None:
+    def _logs_this_step(self, batch_idx: int) -> bool:
+        """Whether this training step's metric values reach the logger (or start an epoch)."""
+        trainer = self._trainer
+        if trainer is None or batch_idx == 0:
+            return True
+        return bool(trainer._logger_connector.should_update_logs)
+
+    def _log_metrics(self, split: str, result: dict[str, Any], batch: Any, batch_idx: int = 0) -> None:
         targets = {key: self._target(batch, key, result["predictions"][key]) for key in self.task_keys}
-        for name, metric in self.task_metrics.update(split, result, targets).items():
+        # Training metrics accumulate every batch, but are handed to ``self.log`` (whose cost
+        # is that of a small forward pass) only on logging steps: Lightning computes and logs
+        # their epoch value from the whole accumulated state either way.
+        step = split != "train" or self._logs_this_step(batch_idx)
+        if split == "train" and batch_idx == 0:
+            self.task_metrics.reset("train")  # nothing left over from an epoch that logged none of them
+        logged = self.task_metrics.update(split, result, targets, step_values=step)
+        if not step:
+            return
+        for name, metric in logged.items():
             self.log(
                 name,
                 metric,
@@ -494,7 +510,7 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """``compute_losses``, then log the ``train_*`` metrics; returns the loss."""
         result = self.compute_losses(batch)
-        self._log_metrics("train", result, batch)
+        self._log_metrics("train", result, batch, batch_idx)
         if self.log_embeddings and self.global_step % self.log_embeddings_every_n_steps == 0:
             system = self._system_embedding(result["embeddings"], batch).detach()
             bs = result["batch_size"]

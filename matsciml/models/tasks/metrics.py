@@ -23,7 +23,9 @@ key's dataset) is skipped for that batch: it adds nothing to the sums and counts
 
 Training metrics are logged per step and per epoch (Lightning appends ``_step`` /
 ``_epoch`` in the logger; callbacks see the plain name); validation and test metrics per
-epoch.
+epoch. Every training batch is added to the epoch sums, but the per-step value of a
+training metric (that batch alone) is computed only on the steps whose values reach the
+logger (the trainer's ``log_every_n_steps``), and on the first step of each epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, Metric
 from torchmetrics.classification import BinaryAccuracy
+from torchmetrics.functional import mean_absolute_error
+from torchmetrics.functional.classification import binary_accuracy
 
 from matsciml.models.losses import finite_pairs
 
@@ -70,6 +74,21 @@ class WeightedMean(Metric):
         """The weighted mean (NaN when nothing was added)."""
         return self.total / self.weight
 
+    @staticmethod
+    def batch_value(value: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """The weighted mean of ``value`` alone (what ``compute`` gives after this one ``update``)."""
+        value = torch.as_tensor(value).detach().to(dtype=torch.float64)
+        return (value.sum() * float(weight)) / (float(weight) * value.numel())
+
+
+def _batch_value(metric: Metric, *args: Any) -> torch.Tensor:
+    """The value of ``metric`` over one batch, without touching its state."""
+    if isinstance(metric, WeightedMean):
+        return WeightedMean.batch_value(*args)
+    if isinstance(metric, MeanAbsoluteError):
+        return mean_absolute_error(*args)
+    return binary_accuracy(*args)
+
 
 class TaskMetrics(nn.Module):
     """The metric objects of one task, per split.
@@ -104,34 +123,43 @@ class TaskMetrics(nn.Module):
                     raise ValueError(f"metric kind {kind!r} of {key!r} must be 'regression', 'binary' or 'multiclass'")
         self.store = nn.ModuleDict(store)
 
-    def update(self, split: str, result: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Metric]:
+    def update(
+        self,
+        split: str,
+        result: Mapping[str, Any],
+        targets: Mapping[str, torch.Tensor],
+        step_values: bool = True,
+    ) -> dict[str, Metric]:
         """Add one batch to the metrics of ``split`` and return the metrics to log.
 
         Parameters
         ----------
         split
-            ``"train"``, ``"val"`` or ``"test"``. Training metrics are called (so their
-            per-step value is available); the others are only updated.
+            ``"train"``, ``"val"`` or ``"test"``. Every metric is updated; for
+            ``"train"``, when ``step_values``, the value of this batch alone is also
+            computed (functionally, the state is not touched) and kept as the metric's
+            ``_forward_cache``, the per-step value Lightning logs.
         result
             The output of ``compute_losses``: ``loss``, ``per_key``, ``counts``,
             ``predictions`` (data units; probabilities for binary keys), ``batch_size``.
         targets
             ``{key: target}`` in data units (the batch's ``targets``).
+        step_values
+            Compute the per-step values of the training metrics (default ``True``).
 
         Returns
         -------
         dict
             ``{name: metric}`` for ``LightningModule.log``.
         """
-        call = split == "train"
+        step = split == "train" and step_values
         logged: dict[str, Metric] = {}
 
-        def add(name: str, *args: torch.Tensor, **kwargs: torch.Tensor) -> None:
+        def add(name: str, *args: Any) -> None:
             metric = self.store[name]
-            if call:
-                metric(*args, **kwargs)
-            else:
-                metric.update(*args, **kwargs)
+            metric.update(*args)
+            if step:
+                metric._forward_cache = _batch_value(metric, *args)
             logged[name] = metric
 
         batch_size = float(result["batch_size"])
@@ -158,6 +186,12 @@ class TaskMetrics(nn.Module):
             else:
                 add(f"{split}_{key}_accuracy", pred, target.long())
         return logged
+
+    def reset(self, split: str) -> None:
+        """Empty the metrics of ``split``."""
+        for name, metric in self.store.items():
+            if name.startswith(f"{split}_"):
+                metric.reset()
 
     @staticmethod
     def _add_multiclass(add: Any, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
