@@ -29,7 +29,6 @@ In Python: :func:`convert`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from matsciml.common.atomic import atomic_path
+from matsciml.common.cli import exit_on_error
 from matsciml.common.errors import ConfigError, DataError, closest
 from matsciml.datasets import schema
 
@@ -114,16 +115,9 @@ def write_extxyz(samples: Iterable[dict[str, Any]], path: str | Path, *, overwri
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            for sample in samples:
-                ase.io.write(fh, sample_to_atoms(sample), format="extxyz")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for sample in samples:
+            ase.io.write(fh, sample_to_atoms(sample), format="extxyz")
     return path
 
 
@@ -234,12 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success.
     """
     args = build_parser().parse_args(None if argv is None else list(argv))
-    try:
+    with exit_on_error(ConfigError, DataError, FileExistsError):
         out = convert(args.src, args.dst, dataset=args.dataset, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, DataError, FileExistsError) as err:
-        message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from matsciml.common.atomic import atomic_path
+
 __all__ = [
     "DEVSET_VERSION",
     "DEVSET_SIZE",
@@ -208,13 +210,8 @@ def generate_devset(path: str | Path, n: int = DEVSET_SIZE, seed: int = DEVSET_S
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     structures = generate_structures(n, seed)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         ase.io.write(str(tmp), structures, format="extxyz")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -12,11 +12,10 @@ line ``error: ...`` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matsciml.common.errors import ConfigError, DataError
+from matsciml.common.cli import exit_on_error
 
 __all__ = ["build_parser", "main"]
 
@@ -76,7 +75,7 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(None if argv is None else list(argv))
     from matsciml.inference.predict import predict
 
-    try:
+    with exit_on_error():
         result = predict(
             args.checkpoint,
             args.data,
@@ -88,10 +87,6 @@ def main(argv: Sequence[str] | None = None):
             progress=not args.no_progress,
             plots=not args.no_plots,
         )
-    except (ConfigError, DataError) as err:
-        message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(_summary(result), flush=True)
     return result if argv is not None else None
 

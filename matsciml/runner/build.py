@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from matsciml.common.cli import one_line as _one_line
 from matsciml.common.config import check_init_args, instantiate, is_spec, resolve_class
 from matsciml.common.errors import ConfigError, closest
 from matsciml.registry import lookup
@@ -37,10 +38,6 @@ __all__ = [
 _RUNNER_TRAINER_ARGS = ("callbacks", "logger")
 #: Keys of a run-type section of a dataset config that the runner consumes itself.
 _TASK_KEYS_IN_DATA_SECTION = ("normalize_kwargs", "task_loss_scaling")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 # --------------------------------------------------------------------------- trainer

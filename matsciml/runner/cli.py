@@ -16,11 +16,10 @@ status 2; see ``docs/runner.rst``. Training stopped by the requeue signal or ``S
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matsciml.common.errors import ConfigError, DataError
+from matsciml.common.cli import exit_on_error
 
 __all__ = ["build_parser", "main", "format_options"]
 
@@ -130,10 +129,6 @@ def format_options(model_path: Path | None = None, dataset_path: Path | None = N
     return "\n".join(lines)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
-
-
 def main(argv: Sequence[str] | None = None):
     """Run the command line.
 
@@ -159,7 +154,7 @@ def main(argv: Sequence[str] | None = None):
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    try:
+    with exit_on_error():
         if args.options:
             print(format_options(args.model_config, args.dataset_config))
             return 0 if argv is not None else None
@@ -179,9 +174,6 @@ def main(argv: Sequence[str] | None = None):
             log_dir=args.log_dir,
             resume=args.resume,
         )
-    except (ConfigError, DataError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     if result.summary_text:
         print(result.summary_text, flush=True)
     if argv is None and result.preempted is not None:

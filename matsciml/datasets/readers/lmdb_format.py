@@ -385,12 +385,7 @@ class LMDBReader:
     def close(self) -> None:
         """Close this process's environments of the reader's files (they reopen on the next access)."""
         for file, subdir in self._files:
-            try:
-                env = _ENVS.pop(_file_key(file, subdir), None)
-            except OSError:
-                continue
-            if env is not None:
-                env.close()
+            close_env(file, subdir)
 
 
 def _iter_samples(records: Any, path: Path) -> Iterable[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from matsciml.common.errors import ConfigError, DataError, closest
-from matsciml.datasets.readers.lmdb_format import METADATA_KEY, _file_key, lmdb_files, shared_env
+from matsciml.datasets.readers.lmdb_format import METADATA_KEY, _file_key, close_env, lmdb_files, shared_env
 from matsciml.datasets.upstream.records import FORMATS, UpstreamFormat, detect
 from matsciml.datasets.upstream.safe_pickle import safe_loads
 
@@ -168,12 +168,5 @@ class UpstreamLMDBReader:
 
     def close(self) -> None:
         """Close this process's environments of the reader's files (they reopen on the next access)."""
-        from matsciml.datasets.readers.lmdb_format import _ENVS
-
         for file, subdir in self._files:
-            try:
-                env = _ENVS.pop(_file_key(file, subdir), None)
-            except OSError:
-                continue
-            if env is not None:
-                env.close()
+            close_env(file, subdir)
