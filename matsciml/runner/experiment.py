@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from matsciml.common.errors import ConfigError, DataError, closest
+from matsciml.common.errors import ConfigError, closest
 from matsciml.runner import build
 from matsciml.runner.configs import (
     ConfigFile,
@@ -47,7 +47,13 @@ from matsciml.runner.configs import (
     merge_sections,
     parse_experiment,
 )
-from matsciml.runner.multitask import build_multitask, check_targets_listed, logged_metric_names, summarize_pairs
+from matsciml.runner.multitask import (
+    build_multitask,
+    check_targets_listed,
+    logged_metric_names,
+    setup_data,
+    summarize_pairs,
+)
 from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
 from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae, raw_weights_mae
 
@@ -183,17 +189,6 @@ def _resolve(path: str | Path | None, kind: str) -> Path:
     return Path(path) if path is not None else default_config_path(kind)
 
 
-def _setup_data(datamodule: Any, dataset: ConfigFile, run_type: str, targets: list[str]) -> None:
-    """Read and validate the data now, so data problems surface before training, naming the dataset config."""
-    try:
-        datamodule.setup("fit")
-    except (DataError, ConfigError) as err:
-        message = " ".join(str(err).split())
-        raise type(err)(
-            f"{dataset.where('target_keys')}: reading the {run_type} data for targets {targets} failed: {message}"
-        ) from None
-
-
 def _check_monitors(trainer: Any, trainer_config: ConfigFile, task: Any, datamodule: Any) -> None:
     """Every monitored metric must be one the task logs; ``val_*`` needs a validation split."""
     names = logged_metric_names(task)
@@ -300,7 +295,7 @@ def prepare_experiment(
         if seed is not None:
             pl.seed_everything(seed, workers=True, verbose=False)
         datamodule = build.build_datamodule(dataset, model, run_type, spec.task.targets, seed, trainer_args)
-        _setup_data(datamodule, dataset, run_type, spec.task.targets)
+        setup_data(datamodule, dataset, run_type, spec.task.targets)
         task = build.build_task(task_cls, task_kwargs, model)
     task.data_transforms = copy.deepcopy(model.data.get("transforms"))
     loaded = None

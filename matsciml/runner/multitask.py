@@ -32,7 +32,7 @@ from matsciml.runner import build
 from matsciml.runner.configs import ConfigFile, ExperimentSpec, TaskSpec
 from matsciml.runner.summary import TargetSummary, mean_predictor_mae, model_mae
 
-__all__ = ["build_multitask", "check_targets_listed", "logged_metric_names", "summarize_pairs"]
+__all__ = ["build_multitask", "check_targets_listed", "logged_metric_names", "setup_data", "summarize_pairs"]
 
 
 def check_targets_listed(task: TaskSpec, dataset: ConfigFile) -> None:
@@ -55,7 +55,8 @@ def check_targets_listed(task: TaskSpec, dataset: ConfigFile) -> None:
             )
 
 
-def _setup(datamodule: Any, dataset: ConfigFile, run_type: str, targets: list[str]) -> None:
+def setup_data(datamodule: Any, dataset: ConfigFile, run_type: str, targets: list[str]) -> None:
+    """Read and validate the data now, so data problems surface before training, naming the dataset config."""
     try:
         datamodule.setup("fit")
     except (DataError, ConfigError) as err:
@@ -90,7 +91,7 @@ def build_multitask(
             check_targets_listed(task, dataset)
         targets = list(dict.fromkeys(t for task in specs for t in task.targets))
         module = build.build_datamodule(dataset, model, run_type, targets, seed)
-        _setup(module, dataset, run_type, targets)
+        setup_data(module, dataset, run_type, targets)
         modules[name] = module
         sizes.append(module.batch_size)
         workers.append(module.num_workers)
