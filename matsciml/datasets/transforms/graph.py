@@ -58,6 +58,38 @@ def _tensor(value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.as_tensor(np.asarray(value), dtype=dtype)
 
 
+def _rows(sample: dict[str, Any], kind: str, key: str, value: Any, count: int) -> torch.Tensor:
+    """``value`` as a tensor with one row per node or edge (``kind``: ``"node"`` or ``"edge"``).
+
+    Parameters
+    ----------
+    sample
+        The sample being converted (named in the error).
+    kind
+        ``"node"`` (one row per atom) or ``"edge"`` (one row per edge).
+    key
+        The key of ``value`` in ``node_keys`` or ``edge_keys``.
+    value
+        The array to store on the graph.
+    count
+        Number of nodes or edges.
+
+    Raises
+    ------
+    DataError
+        ``value`` is a scalar or its first dimension is not ``count``.
+    """
+    value = _tensor(value)
+    if value.dim() == 0 or value.shape[0] != count:
+        row = "atom" if kind == "node" else "edge"
+        _fail(
+            sample,
+            f"{kind} key {key!r} has shape {list(value.shape)}, expected first dimension {count} "
+            f"(one row per {row}); remove it from {kind}_keys.",
+        )
+    return value
+
+
 class PointCloudToGraphTransform:
     """Build ``sample["graph"]``, a PyG ``Data`` holding the structure and its edges.
 
@@ -233,25 +265,11 @@ class PointCloudToGraphTransform:
             value = sample[key] if key in sample else targets.get(key)
             if value is None:
                 continue
-            value = _tensor(value)
-            if value.dim() == 0 or value.shape[0] != num_atoms:
-                _fail(
-                    sample,
-                    f"node key {key!r} has shape {list(value.shape)}, expected first dimension {num_atoms} "
-                    "(one row per atom); remove it from node_keys.",
-                )
-            graph[key] = value
+            graph[key] = _rows(sample, "node", key, value, num_atoms)
         num_edges = int(edge_index.shape[1])
         for key in self.edge_keys:
             if key in _BUILT_IN or key not in sample:
                 continue
-            value = _tensor(sample[key])
-            if value.dim() == 0 or value.shape[0] != num_edges:
-                _fail(
-                    sample,
-                    f"edge key {key!r} has shape {list(value.shape)}, expected first dimension {num_edges} "
-                    "(one row per edge); remove it from edge_keys.",
-                )
-            graph[key] = value
+            graph[key] = _rows(sample, "edge", key, sample[key], num_edges)
         sample[schema.GRAPH] = graph
         return sample
