@@ -343,6 +343,15 @@ class TrainingDynamicsReport(OptimizerStepCallback):
         if positive and min(positive) > 0 and max(positive) / min(positive) > 20:
             ax.set_yscale("log")
 
+    def _finish(self, ax: Any, panel: int, values: list[float], ylabel: str, message: str) -> None:
+        """Title, label and (for a wide range) log-scale a line panel; or mark it empty with ``message``."""
+        if values:
+            ax.set_title(PANEL_TITLES[panel], fontsize=11)
+            ax.set_ylabel(ylabel)
+            self._log_scale_if_wide(ax, values)
+        else:
+            self._empty(ax, PANEL_TITLES[panel], message)
+
     def _plot(self, ax: Any, names: list[str], labels: list[str], **kwargs: Any) -> list[float]:
         values: list[float] = []
         for name, label in zip(names, labels):
@@ -380,23 +389,15 @@ class TrainingDynamicsReport(OptimizerStepCallback):
             (VAL_RAW_PREFIX + "total", "validation, raw weights", "tab:green"),
         ):
             values += self._plot(ax, [name], [label], color=color)
-        if values:
-            ax.set_title(PANEL_TITLES[0], fontsize=11)
-            ax.set_ylabel("loss (normalised units)")
-            self._log_scale_if_wide(ax, values)
-        else:
-            self._empty(ax, PANEL_TITLES[0], "training_step returned no loss\nand no val_loss was logged")
+        self._finish(
+            ax, 0, values, "loss (normalised units)", "training_step returned no loss\nand no val_loss was logged"
+        )
 
         # 2. learning rate
         ax = axes[1]
         names = self._names("lr/")
         values = self._plot(ax, names, [n.split("/", 1)[1].replace("_", " ") for n in names])
-        if values:
-            ax.set_title(PANEL_TITLES[1], fontsize=11)
-            ax.set_ylabel("learning rate")
-            self._log_scale_if_wide(ax, values)
-        else:
-            self._empty(ax, PANEL_TITLES[1], "no optimizer step was taken")
+        self._finish(ax, 1, values, "learning rate", "no optimizer step was taken")
 
         # 3. gradient norms
         ax = axes[2]
@@ -406,12 +407,7 @@ class TrainingDynamicsReport(OptimizerStepCallback):
             names = ([GRAD_NORM_TOTAL] if GRAD_NORM_TOTAL in names else []) + rest
             names = names[:_MAX_GRAD_LINES]
         values = self._plot(ax, names, [n.split("/", 1)[1] for n in names])
-        if values:
-            ax.set_title(PANEL_TITLES[2], fontsize=11)
-            ax.set_ylabel("gradient L2 norm")
-            self._log_scale_if_wide(ax, values)
-        else:
-            self._empty(ax, PANEL_TITLES[2], f"add MonitorGradients\nto the callbacks{monitors_need}")
+        self._finish(ax, 2, values, "gradient L2 norm", f"add MonitorGradients\nto the callbacks{monitors_need}")
 
         # 4. EMA gain
         ax = axes[3]
