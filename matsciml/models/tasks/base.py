@@ -35,6 +35,7 @@ from matsciml.models.tasks.metrics import REGRESSION, TaskMetrics
 from matsciml.models.tasks.normalization import TargetNormalizer
 from matsciml.models.tasks.optim import with_schedulers
 from matsciml.models.tasks.plain import to_plain
+from matsciml.models.tasks.steps import EvaluationStepsMixin
 from matsciml.models.tasks.transfer import TransferMixin
 from matsciml.registry import lookup
 
@@ -62,7 +63,7 @@ def _encoder_class(name: Any, where: str) -> Any:
     return lookup("encoder", name, where)
 
 
-class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
+class BaseTaskModule(TargetStatisticsMixin, TransferMixin, EvaluationStepsMixin, pl.LightningModule):
     """Base of the tasks: encoder, output heads, losses, normalisation, metrics, optimiser.
 
     Use a concrete task (:class:`~matsciml.models.tasks.scalar.ScalarRegressionTask`,
@@ -513,18 +514,8 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, pl.LightningModule):
         self._log_metrics("train", result, batch, batch_idx)
         if self.log_embeddings and self.global_step % self.log_embeddings_every_n_steps == 0:
             system = self._system_embedding(result["embeddings"], batch).detach()
-            bs = result["batch_size"]
-            self.log("train_embedding_mean", system.mean(), on_step=True, on_epoch=False, batch_size=bs)
-            self.log("train_embedding_std", system.std(), on_step=True, on_epoch=False, batch_size=bs)
+            self._log_embedding_stats("train", system, result["batch_size"])
         return result["loss"]
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """``compute_losses``, then update the ``val_*`` metrics (logged per epoch)."""
-        self._log_metrics("val", self.compute_losses(batch), batch)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """``compute_losses``, then update the ``test_*`` metrics (logged per epoch)."""
-        self._log_metrics("test", self.compute_losses(batch), batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{"ids": [...], key: prediction}`` in data units (detached)."""

@@ -46,6 +46,7 @@ from matsciml.models.tasks.base import BaseTaskModule
 from matsciml.models.tasks.metrics import TaskMetrics
 from matsciml.models.tasks.optim import with_schedulers
 from matsciml.models.tasks.plain import _class_path, to_plain
+from matsciml.models.tasks.steps import EvaluationStepsMixin
 from matsciml.registry import register_task
 
 __all__ = ["MultiTaskLitModule", "RESERVED_BATCH_KEYS"]
@@ -78,7 +79,7 @@ def _build_task(entry: Any, index: int) -> tuple[str, BaseTaskModule]:
     return name, task
 
 
-class MultiTaskLitModule(pl.LightningModule):
+class MultiTaskLitModule(EvaluationStepsMixin, pl.LightningModule):
     """Train one encoder on several (dataset, task) pairs at once.
 
     Parameters
@@ -376,18 +377,8 @@ class MultiTaskLitModule(pl.LightningModule):
             for ds, results in result["per_dataset"].items():
                 label, first = next(iter(results.items()))
                 system = self.task_map[ds][label]._system_embedding(first["embeddings"], batch[ds]).detach()
-                size = first["batch_size"]
-                self.log(f"train_{ds}_embedding_mean", system.mean(), on_step=True, on_epoch=False, batch_size=size)
-                self.log(f"train_{ds}_embedding_std", system.std(), on_step=True, on_epoch=False, batch_size=size)
+                self._log_embedding_stats(f"train_{ds}", system, first["batch_size"])
         return result["loss"]
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """``compute_losses``, then update the ``val_*`` metrics (logged per epoch)."""
-        self._log_metrics("val", self.compute_losses(batch), batch)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """``compute_losses``, then update the ``test_*`` metrics (logged per epoch)."""
-        self._log_metrics("test", self.compute_losses(batch), batch)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``{dataset: task.predict_step(sub-batch)}`` for the datasets present (one dict per task class)."""
