@@ -498,15 +498,7 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, EvaluationStepsMixin,
         logged = self.task_metrics.update(split, result, targets, step_values=step)
         if not step:
             return
-        for name, metric in logged.items():
-            self.log(
-                name,
-                metric,
-                on_step=split == "train",
-                on_epoch=True,
-                prog_bar=name == f"{split}_loss",
-                batch_size=result["batch_size"],
-            )
+        self._log_updated(split, logged, result["batch_size"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """``compute_losses``, then log the ``train_*`` metrics; returns the loss."""

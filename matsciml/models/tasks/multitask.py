@@ -359,15 +359,8 @@ class MultiTaskLitModule(EvaluationStepsMixin, pl.LightningModule):
         return targets
 
     def _log_metrics(self, split: str, result: dict[str, Any], batch: Any) -> None:
-        for name, metric in self.task_metrics.update(split, result, self._targets(batch, result)).items():
-            self.log(
-                name,
-                metric,
-                on_step=split == "train",
-                on_epoch=True,
-                prog_bar=name == f"{split}_loss",
-                batch_size=result["batch_size"],
-            )
+        logged = self.task_metrics.update(split, result, self._targets(batch, result))
+        self._log_updated(split, logged, result["batch_size"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """``compute_losses``, then log the ``train_*`` metrics; returns the loss."""

@@ -24,6 +24,28 @@ class EvaluationStepsMixin:
         """``compute_losses``, then update the ``test_*`` metrics (logged per epoch)."""
         self._log_metrics("test", self.compute_losses(batch), batch)
 
+    def _log_updated(self, split: str, logged: dict[str, Any], batch_size: Any) -> None:
+        """Log the metrics that ``TaskMetrics.update`` returned (per step in training, per epoch always).
+
+        Parameters
+        ----------
+        split
+            ``"train"``, ``"val"`` or ``"test"``; ``{split}_loss`` goes to the progress bar.
+        logged
+            ``{name: metric}`` from :meth:`~matsciml.models.tasks.metrics.TaskMetrics.update`.
+        batch_size
+            Batch size given to ``log``.
+        """
+        for name, metric in logged.items():
+            self.log(
+                name,
+                metric,
+                on_step=split == "train",
+                on_epoch=True,
+                prog_bar=name == f"{split}_loss",
+                batch_size=batch_size,
+            )
+
     def _log_embedding_stats(self, prefix: str, system: torch.Tensor, batch_size: Any) -> None:
         """Log the mean and standard deviation of the system embeddings as ``{prefix}_embedding_mean/std``.
 
