@@ -21,7 +21,7 @@ forces by autograd and rotations of the input stay exact.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +36,8 @@ __all__ = [
     "num_graphs",
     "num_nodes_per_graph",
     "edge_vectors",
+    "edge_geometry",
+    "EdgeGeometry",
     "is_dgl_graph",
 ]
 
@@ -158,3 +160,30 @@ def edge_vectors(graph: Any, pos: torch.Tensor | None = None) -> torch.Tensor:
         edge_graph = graph_index(graph)[ei[0]]
         vec = vec + torch.einsum("ek,ekl->el", shifts.to(pos.dtype), cell[edge_graph])
     return vec
+
+
+class EdgeGeometry(NamedTuple):
+    """What an encoder reads first from a batch (see :func:`edge_geometry`)."""
+
+    graph: Any
+    atomic_numbers: torch.Tensor
+    edge_index: torch.Tensor
+    edge_vectors: torch.Tensor
+
+
+def edge_geometry(batch: Any) -> EdgeGeometry:
+    """The graph of ``batch`` with its atomic numbers, edge list and edge vectors.
+
+    Parameters
+    ----------
+    batch
+        A batch dict with ``"graph"`` or a PyG ``Data``/``Batch`` (or DGL graph).
+
+    Returns
+    -------
+    EdgeGeometry
+        ``(graph, atomic_numbers [N], edge_index [2, E], edge_vectors [E, 3])``; the edge
+        vectors are computed from the positions (:func:`edge_vectors`).
+    """
+    graph = get_graph(batch)
+    return EdgeGeometry(graph, atomic_numbers(graph), edge_index(graph), edge_vectors(graph))

@@ -446,18 +446,7 @@ class PLEGNNBackbone(nn.Module):
         self.embedding_dim: int = dim
 
     def forward(self, batch: Any) -> Embeddings:
-        """Embed a batch.
-
-        Parameters
-        ----------
-        batch
-            A batch dict with ``"graph"`` or a PyG ``Data``/``Batch`` (see :mod:`matsciml.common.graph`).
-
-        Returns
-        -------
-        Embeddings
-            ``system_embedding`` ``[num_graphs, embedding_dim]`` and ``point_embedding``
-            ``[num_nodes, embedding_dim]``.
+        """Embed a batch, as every encoder does (see :mod:`matsciml.models.encoders`).
 
         Raises
         ------
@@ -465,10 +454,7 @@ class PLEGNNBackbone(nn.Module):
             Unknown atomic number, or missing/mis-shaped ``graph.edge_attr`` when
             ``embed_edge_attributes_dim > 0``.
         """
-        graph = G.get_graph(batch)
-        z = G.atomic_numbers(graph)
-        ei = G.edge_index(graph)
-        vec0 = G.edge_vectors(graph)
+        graph, z, ei, vec0 = G.edge_geometry(batch)
         n, e, k = z.shape[0], ei.shape[1], self.modes
 
         envelope = None

@@ -331,28 +331,14 @@ class E3NNEncoder(nn.Module):
         self.register_buffer("avg_num_neighbors", torch.tensor(value, dtype=torch.float64))
 
     def forward(self, batch: Any) -> Embeddings:
-        """Embed a batch.
-
-        Parameters
-        ----------
-        batch
-            A batch dict with ``"graph"`` or a PyG ``Data``/``Batch`` (see :mod:`matsciml.common.graph`).
-
-        Returns
-        -------
-        Embeddings
-            ``system_embedding`` ``[num_graphs, embedding_dim]`` and ``point_embedding``
-            ``[num_nodes, embedding_dim]``.
+        """Embed a batch, as every encoder does (see :mod:`matsciml.models.encoders`).
 
         Raises
         ------
         DataError
             Unknown atomic number.
         """
-        graph = G.get_graph(batch)
-        z = G.atomic_numbers(graph)
-        ei = G.edge_index(graph)
-        vec = G.edge_vectors(graph)
+        graph, z, ei, vec = G.edge_geometry(batch)
         length = vec.norm(dim=-1)
         if torch.compiler.is_exporting():
             # no decision on tensor values: edges beyond the cutoff are kept (their envelope is 0,
