@@ -3,8 +3,8 @@
 :func:`prepare_experiment` does all the work that can fail on a configuration mistake
 (loading, ``-c`` overrides, building the data module and reading the data, building the
 task, loading weights, building the trainer, checking the monitored metric names) before
-any training; :func:`run_experiment` then writes ``config.yaml``, calls ``trainer.fit``
-and summarises the run.
+any training; :func:`run_prepared` then writes ``config.yaml``, calls ``trainer.fit``
+and summarises the run; :func:`run_experiment` does both.
 
 A run can continue an earlier one: ``resume="auto"`` (``--resume auto``, or ``resume:
 auto`` in the experiment config) starts from the newest usable checkpoint of the run
@@ -26,6 +26,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import inspect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from matsciml.common.atomic import atomic_write_text
 from matsciml.common.errors import ConfigError, closest
 from matsciml.runner import build
 from matsciml.runner.configs import (
@@ -57,7 +59,7 @@ from matsciml.runner.multitask import (
 from matsciml.runner.run_dir import make_run_dir, to_plain, write_config
 from matsciml.runner.summary import TargetSummary, format_summary, mean_predictor_mae, model_mae, raw_weights_mae
 
-__all__ = ["PreparedRun", "RunResult", "prepare_experiment", "run_experiment", "RUN_DIR_ENV"]
+__all__ = ["PreparedRun", "RunResult", "prepare_experiment", "run_prepared", "run_experiment", "RUN_DIR_ENV"]
 
 #: Environment variable through which a run's folder reaches the other ranks of a multi-process run.
 RUN_DIR_ENV = "MATSCIML_RUN_DIR"
@@ -445,41 +447,13 @@ def summarize(prepared: PreparedRun) -> tuple[list[TargetSummary], str | None, s
     return targets, best, last, text
 
 
-def run_experiment(
-    experiment_config: str | Path,
-    trainer_config: str | Path | None = None,
-    model_config: str | Path | None = None,
-    dataset_config: str | Path | None = None,
-    debug: bool = False,
-    overrides: list[str] | None = None,
-    seed: int | None = None,
-    run_dir: str | Path | None = None,
-    log_dir: str | Path | None = None,
-    resume: str | Path | None = None,
-) -> RunResult:
-    """Prepare (see :func:`prepare_experiment`), write ``config.yaml``, train, and summarise.
+def run_prepared(prepared: PreparedRun) -> RunResult:
+    """Write ``config.yaml``, train and summarise a run built by :func:`prepare_experiment`.
 
     When the requeue signal or ``SIGTERM`` stops training
     (:class:`~matsciml.lightning.hpc.PreemptionCheckpoint`), the result carries it in
     ``preempted`` and there is no summary.
-
-    Raises
-    ------
-    ConfigError, DataError
-        As :func:`prepare_experiment`; nothing has been trained when they are raised.
     """
-    prepared = prepare_experiment(
-        experiment_config,
-        trainer_config=trainer_config,
-        model_config=model_config,
-        dataset_config=dataset_config,
-        debug=debug,
-        overrides=overrides,
-        seed=seed,
-        run_dir=run_dir,
-        log_dir=log_dir,
-        resume=resume,
-    )
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
     from matsciml.lightning.callbacks.stop_training import StopTrainingError
@@ -493,6 +467,7 @@ def run_experiment(
             callback.install()  # a signal from now on is kept for the first step boundary
     config_path = prepared.run_dir / "config.yaml"
     checkpoint = prepared.resume_checkpoint
+    preempted = None
     with warnings.catch_warnings():
         if checkpoint is not None or config_path.exists():
             # the run folder of a resumed run is not empty, by design
@@ -511,22 +486,13 @@ def run_experiment(
         except StopTrainingError as stop:  # a deliberate end of training: summarised as a finished run
             rank_zero_info(str(stop))
         except TrainingPreempted as stop:
-            return RunResult(
-                run_dir=prepared.run_dir,
-                config_path=config_path,
-                metrics_csv=_metrics_csv(trainer),
-                best_checkpoint=None,
-                last_checkpoint=None,
-                targets=[],
-                summary_text=f"Run folder: {prepared.run_dir}\n{stop}" if trainer.is_global_zero else "",
-                trainer=trainer,
-                task=prepared.task,
-                datamodule=prepared.datamodule,
-                prepared=prepared,
-                resumed_from=None if checkpoint is None else str(checkpoint),
-                preempted=stop,
-            )
-    targets, best, last, text = summarize(prepared) if trainer.is_global_zero else ([], None, None, "")
+            preempted = stop
+    if not trainer.is_global_zero:
+        targets, best, last, text = [], None, None, ""
+    elif preempted is not None:
+        targets, best, last, text = [], None, None, f"Run folder: {prepared.run_dir}\n{preempted}"
+    else:
+        targets, best, last, text = summarize(prepared)
     return RunResult(
         run_dir=prepared.run_dir,
         config_path=config_path,
@@ -540,7 +506,25 @@ def run_experiment(
         datamodule=prepared.datamodule,
         prepared=prepared,
         resumed_from=None if checkpoint is None else str(checkpoint),
+        preempted=preempted,
     )
+
+
+def run_experiment(*args: Any, **kwargs: Any) -> RunResult:
+    """Prepare (:func:`prepare_experiment`, whose arguments it takes), then :func:`run_prepared`.
+
+    Raises
+    ------
+    ConfigError, DataError
+        As :func:`prepare_experiment`; nothing has been trained when they are raised.
+    """
+    return run_prepared(prepare_experiment(*args, **kwargs))
+
+
+# one argument list, documented once: run_experiment shows prepare_experiment's
+run_experiment.__signature__ = inspect.signature(prepare_experiment).replace(  # type: ignore[attr-defined]
+    return_annotation=RunResult.__name__
+)
 
 
 @contextlib.contextmanager
@@ -588,7 +572,4 @@ def _write_or_extend_config(prepared: PreparedRun, path: Path) -> Path:
             "cli_args": list(prepared.overrides),
         }
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=False))

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from matsciml.common.atomic import atomic_write_text
 from matsciml.common.errors import ConfigError
 from matsciml.common.plain import to_plain as _to_plain
 
@@ -107,7 +108,6 @@ def to_plain(value: Any) -> Any:
 
 def write_config(run_dir: str | Path, config: dict) -> Path:
     """Write the resolved config to ``<run_dir>/config.yaml`` and return its path."""
-    path = Path(run_dir) / "config.yaml"
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_plain(config), fh, sort_keys=False, default_flow_style=False)
-    return path
+    return atomic_write_text(
+        Path(run_dir) / "config.yaml", yaml.safe_dump(to_plain(config), sort_keys=False, default_flow_style=False)
+    )
