@@ -8,17 +8,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._base.task_hooks import TaskHooksCallback
 from matsciml.lightning.callbacks._utils.grads import batch_ids, tensor_norms
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_histogram, log_scalars
-from matsciml.models.tasks.protocol import is_task
 
 __all__ = ["TrainingHelperCallback", "embedding_statistics", "fractional_coordinate_structures"]
 
@@ -96,7 +94,7 @@ def _weight_norms(module: nn.Module) -> tuple[Tensor, int]:
 
 
 # ----------------------------------------------------------------------------- the callback
-class TrainingHelperCallback(Callback):
+class TrainingHelperCallback(TaskHooksCallback):
     """Heuristic checks that catch common faults early, with the numbers in every message.
 
     Every ``update_freq`` optimizer steps (step 0 included) the callback checks:
@@ -248,9 +246,6 @@ class TrainingHelperCallback(Callback):
         self.warner = RateLimitedWarner(min_interval_steps=interval, max_per_key=int(max_warnings))
         #: ``(step, encoder weight L2 norm, output-head weight L2 norm)`` at each check step
         self.param_norm_history: list[tuple[int, float, float]] = []
-        self._handle: Any = None
-        self._protocol = False
-        self._said_fallback = False
         self._active = False
         self._armed = False
         self._step = 0
@@ -260,36 +255,15 @@ class TrainingHelperCallback(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._protocol = is_task(pl_module)
-        if not self._protocol:
-            if not self._said_fallback:
-                rank_zero_warn(
-                    f"TrainingHelperCallback: {type(pl_module).__name__} does not follow the task protocol (encoder, "
-                    "output_heads): embedding and encoder/head weight checks are off; gradient and coordinate checks "
-                    "still run."
-                )
-                self._said_fallback = True
-            return
-        if self.encoder_hook and self._handle is None:
-            self._handle = pl_module.encoder.register_forward_hook(self._encoder_hook)
+        needs = "encoder, output_heads"
+        otherwise = "embedding and encoder/head weight checks are off; gradient and coordinate checks still run."
+        if self.check_task(pl_module, needs, otherwise) and self.encoder_hook and not self.has_hooks:
+            self.add_forward_hook(pl_module.encoder, self._encoder_hook)
 
     def _encoder_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._armed and module.training:
             self._armed = False  # the first forward of the step (not a second pass such as SAM's)
             self._embeddings = output
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hook()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hook()
-
-    def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     @override
     def on_train_batch_start(
@@ -434,12 +408,10 @@ class TrainingHelperCallback(Callback):
             if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] > 0:
                 levels.append((level, value))
         if not levels:
-            if not self._said_fallback:
-                rank_zero_warn(
-                    f"TrainingHelperCallback: the encoder returned {type(output).__name__}, not Embeddings; the "
-                    "embedding checks are off."
-                )
-                self._said_fallback = True
+            self.warn_once(
+                f"TrainingHelperCallback: the encoder returned {type(output).__name__}, not Embeddings; the "
+                "embedding checks are off."
+            )
             return
         stats = torch.stack([s.to(levels[0][1].device) for _, v in levels for s in embedding_statistics(v)]).tolist()
         differs = {"point": True, "system": True}

@@ -11,18 +11,16 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from matsciml.common import graph as graphs
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._base.task_hooks import TaskHooksCallback
 from matsciml.lightning.callbacks._utils.grads import TrainingFaultError, batch_ids, skip_optimizer_step
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars, run_folder
 from matsciml.lightning.checkpointing import atomic_path, atomic_write_text
-from matsciml.models.tasks.protocol import is_task
 
 __all__ = ["ForwardNaNDetection", "write_batch_dump", "locate_nonfinite"]
 
@@ -216,7 +214,7 @@ class _Pending:
 
 
 # ----------------------------------------------------------------------------- the callback
-class ForwardNaNDetection(Callback):
+class ForwardNaNDetection(TaskHooksCallback):
     """Catch a non-finite training loss or prediction, write the batch, then stop or skip the step.
 
     For every training micro-batch the callback checks that the loss and, for a task
@@ -313,31 +311,23 @@ class ForwardNaNDetection(Callback):
         #: one record per bad batch (what the JSON file holds, without the structures)
         self.events: list[dict[str, Any]] = []
         self._dumps = 0
-        self._handles: list[Any] = []
         self._captured: dict[str, Tensor] = {}
         self._capture = False
         self._pending: list[_Pending] = []
         self._current: tuple[Any, int, int] | None = None
-        self._protocol = False
-        self._said_fallback = False
         self._warner = RateLimitedWarner(min_interval_steps=0, max_per_key=20)
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._protocol = is_task(pl_module)
-        if not self._protocol:
-            if not self._said_fallback:
-                rank_zero_warn(
-                    f"ForwardNaNDetection: {type(pl_module).__name__} does not follow the task protocol (encoder, "
-                    "output_heads, compute_losses): only the loss is checked; per-key predictions are not checked and "
-                    "the module that produced a non-finite value is not located."
-                )
-                self._said_fallback = True
-            return
-        if self.check_predictions:
+        needs = "encoder, output_heads, compute_losses"
+        otherwise = (
+            "only the loss is checked; per-key predictions are not checked and the module that produced a "
+            "non-finite value is not located."
+        )
+        if self.check_task(pl_module, needs, otherwise) and self.check_predictions:
             for key, head in pl_module.output_heads.items():
-                self._handles.append(head.register_forward_hook(self._make_hook(str(key))))
+                self.add_forward_hook(head, self._make_hook(str(key)))
 
     def _make_hook(self, key: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -347,17 +337,8 @@ class ForwardNaNDetection(Callback):
         return hook
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
         self._capture = False
 
     @override
@@ -417,7 +398,7 @@ class ForwardNaNDetection(Callback):
         log_scalars(trainer, {"nonfinite_batches": self.nonfinite_batches}, step=trainer.global_step)
         text = "; ".join(messages)
         if self.action == "stop":
-            self._remove_hooks()
+            self.remove_hooks()
             raise TrainingFaultError(
                 f"ForwardNaNDetection: {text}. Training stopped before the optimizer step (weights unchanged). "
                 "Inspect the written structures (atoms too close, non-finite positions or targets), lower the "
