@@ -6,21 +6,13 @@ Encoders are importable from here under their upstream path
 
 from __future__ import annotations
 
+from matsciml.models import tasks as _tasks
 from matsciml.models.egnn import PLEGNNBackbone
 from matsciml.models.embeddings import Embeddings
 from matsciml.models.encoders import get_encoder_class
 from matsciml.models.equivariant import E3NNEncoder, NequIPEncoder
 from matsciml.models.heads import OutputHead
-from matsciml.models.tasks import (
-    BaseTaskModule,
-    BinaryClassificationTask,
-    CrystalSymmetryClassificationTask,
-    ForceRegressionTask,
-    GradFreeForceRegressionTask,
-    MultiTaskLitModule,
-    ScalarRegressionTask,
-    get_task_class,
-)
+from matsciml.models.tasks import *  # noqa: F403 - the task classes and get_task_class, listed there once
 
 #: Encoders whose modules load on first access (``matsciml.models.M3GNet``), as upstream names them.
 _LAZY = {
@@ -49,13 +41,6 @@ __all__ = [
     "Embeddings",
     "get_encoder_class",
     "OutputHead",
-    "get_task_class",
-    "BaseTaskModule",
-    "ScalarRegressionTask",
-    "BinaryClassificationTask",
-    "ForceRegressionTask",
-    "GradFreeForceRegressionTask",
-    "CrystalSymmetryClassificationTask",
-    "MultiTaskLitModule",
+    *_tasks.__all__,
     *_LAZY,
 ]
