@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from matsciml.common.atomic import atomic_path
-from matsciml.common.cli import exit_on_error
+from matsciml.common.cli import add_no_progress, command_parser, run_command
 from matsciml.common.errors import ConfigError, DataError, closest
 from matsciml.datasets import schema
 
@@ -200,13 +200,12 @@ def convert(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="matsciml-convert",
-        description="Convert a dataset (any readable format, Open MatSciML Toolkit LMDB folders included) to this "
-        "package's LMDB (.lmdb) or to extended XYZ (.extxyz).",
+    parser = command_parser(
+        "matsciml-convert",
+        "Convert a dataset (any readable format, Open MatSciML Toolkit LMDB folders included) to this package's "
+        "LMDB (.lmdb) or to extended XYZ (.extxyz).",
+        {"src": "file or folder to read", "dst": "output file, ending in .lmdb or .extxyz"},
     )
-    parser.add_argument("src", type=Path, help="file or folder to read")
-    parser.add_argument("dst", type=Path, help="output file, ending in .lmdb or .extxyz")
     parser.add_argument(
         "--dataset",
         default=None,
@@ -215,21 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
         "alone does not tell, or another registered dataset class",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(parser, "--no-progress")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; errors end it with one line ``error: ...`` on stderr and status 2.
+def main(argv: Sequence[str] | None = None) -> int | None:
+    """Run the command line (``argv`` and the result as for :func:`~matsciml.common.cli.run_command`).
 
     Returns
     -------
-    int
-        0 on success.
+    int or None
+        0 on success (``None`` as a console script); errors end it with one line
+        ``error: ...`` on stderr and status 2.
     """
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    with exit_on_error(ConfigError, DataError, FileExistsError):
-        out = convert(args.src, args.dst, dataset=args.dataset, overwrite=args.overwrite, progress=not args.no_progress)
+    return run_command(build_parser(), argv, _convert, errors=(ConfigError, DataError, FileExistsError))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out = convert(args.src, args.dst, dataset=args.dataset, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

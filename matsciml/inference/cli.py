@@ -15,20 +15,21 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from matsciml.common.cli import exit_on_error
+from matsciml.common.cli import add_no_progress, command_parser, run_command
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``matsciml-predict``."""
-    parser = argparse.ArgumentParser(
-        prog="matsciml-predict",
-        description="Predict every structure of a file with a trained checkpoint; write CSV, extxyz, metrics and "
-        "parity plots.",
+    parser = command_parser(
+        "matsciml-predict",
+        "Predict every structure of a file with a trained checkpoint; write CSV, extxyz, metrics and parity plots.",
+        {
+            "checkpoint": "task checkpoint (.ckpt) written by a matsciml run",
+            "data": "structures: extxyz/xyz, ASE db or traj, pymatgen JSON, CIF, LMDB",
+        },
     )
-    parser.add_argument("checkpoint", type=Path, help="task checkpoint (.ckpt) written by a matsciml run")
-    parser.add_argument("data", type=Path, help="structures: extxyz/xyz, ASE db or traj, pymatgen JSON, CIF, LMDB")
     parser.add_argument(
         "-o", "--output", type=Path, default=None, help="output folder (default: <data stem>_predictions)"
     )
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerator", default="auto", help="auto (default), cpu or gpu")
     parser.add_argument("--num_workers", type=int, default=0, help="data loader workers (default 0)")
     parser.add_argument("--task_class", default=None, help="task class, when the checkpoint does not record it")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_no_progress(parser, "--no_progress")
     parser.add_argument("--no_plots", action="store_true", help="no parity plots")
     return parser
 
@@ -54,41 +55,37 @@ def _summary(result) -> str:
 
 
 def main(argv: Sequence[str] | None = None):
-    """Run ``matsciml-predict``.
-
-    Parameters
-    ----------
-    argv
-        Arguments without the program name; ``None`` reads ``sys.argv``.
+    """Run ``matsciml-predict`` (``argv`` and the result as for :func:`~matsciml.common.cli.run_command`).
 
     Returns
     -------
     PredictResult or None
-        With ``argv`` given, the :class:`~matsciml.inference.predict.PredictResult`;
-        as a console script ``None`` (exit status 0).
+        The :class:`~matsciml.inference.predict.PredictResult` (``None`` as a console script).
 
     Raises
     ------
     SystemExit
         Status 2 after ``error: <one line>`` on stderr for a bad checkpoint, data or argument.
     """
-    args = build_parser().parse_args(None if argv is None else list(argv))
+    return run_command(build_parser(), argv, _predict)
+
+
+def _predict(args: argparse.Namespace):
     from matsciml.inference.predict import predict
 
-    with exit_on_error():
-        result = predict(
-            args.checkpoint,
-            args.data,
-            output_dir=args.output,
-            batch_size=args.batch_size,
-            accelerator=args.accelerator,
-            num_workers=args.num_workers,
-            task_class=args.task_class,
-            progress=not args.no_progress,
-            plots=not args.no_plots,
-        )
+    result = predict(
+        args.checkpoint,
+        args.data,
+        output_dir=args.output,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        num_workers=args.num_workers,
+        task_class=args.task_class,
+        progress=not args.no_progress,
+        plots=not args.no_plots,
+    )
     print(_summary(result), flush=True)
-    return result if argv is not None else None
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,17 +18,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from matsciml.common.cli import exit_on_error
+from matsciml.common.cli import command_parser, run_command
 
 __all__ = ["build_parser", "main", "format_options"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The runner's argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="matsciml-train",
-        description="Train a matsciml task from experiment, trainer, model and dataset YAML configs.",
+    parser = command_parser(
+        "matsciml-train", "Train a matsciml task from experiment, trainer, model and dataset YAML configs."
     )
     parser.add_argument("-e", "--experiment_config", type=Path, help="experiment config YAML (model, dataset, task)")
     parser.add_argument(
@@ -130,55 +130,55 @@ def format_options(model_path: Path | None = None, dataset_path: Path | None = N
 
 
 def main(argv: Sequence[str] | None = None):
-    """Run the command line.
-
-    Parameters
-    ----------
-    argv
-        Arguments without the program name; ``None`` reads ``sys.argv``.
+    """Run the command line (``argv`` and the result as for :func:`~matsciml.common.cli.run_command`).
 
     Returns
     -------
     RunResult or int or None
-        With ``argv`` given: the :class:`~matsciml.runner.experiment.RunResult` of the run
-        (``0`` after ``-o``). Called as a console script (``argv=None``): ``None``, so the
-        exit status is 0.
+        The :class:`~matsciml.runner.experiment.RunResult` of the run (``0`` after ``-o``);
+        ``None`` as a console script.
 
     Raises
     ------
     SystemExit
         Status 2 after printing ``error: <one line>`` to stderr, for a configuration or data
         error (the library functions raise :class:`~matsciml.common.errors.ConfigError`).
-        Called as a console script, after training stopped early on a signal: the status
-        of :class:`~matsciml.lightning.hpc.TrainingPreempted` (0 when requeued).
+        As a console script, after training stopped early on a signal: the status of
+        :class:`~matsciml.lightning.hpc.TrainingPreempted` (0 when requeued).
     """
     parser = build_parser()
-    args = parser.parse_args(None if argv is None else list(argv))
-    with exit_on_error():
-        if args.options:
-            print(format_options(args.model_config, args.dataset_config))
-            return 0 if argv is not None else None
-        if args.experiment_config is None:
-            parser.error("-e/--experiment_config is required (or -o to list the options)")
-        from matsciml.runner.experiment import run_experiment
+    return run_command(parser, argv, lambda args: _train(parser, args), status=_preempted_status)
 
-        result = run_experiment(
-            experiment_config=args.experiment_config,
-            trainer_config=args.trainer_config,
-            model_config=args.model_config,
-            dataset_config=args.dataset_config,
-            debug=args.debug,
-            overrides=args.cli_args,
-            seed=args.seed,
-            run_dir=args.run_dir,
-            log_dir=args.log_dir,
-            resume=args.resume,
-        )
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    if args.options:
+        print(format_options(args.model_config, args.dataset_config))
+        return 0
+    if args.experiment_config is None:
+        parser.error("-e/--experiment_config is required (or -o to list the options)")
+    from matsciml.runner.experiment import run_experiment
+
+    result = run_experiment(
+        experiment_config=args.experiment_config,
+        trainer_config=args.trainer_config,
+        model_config=args.model_config,
+        dataset_config=args.dataset_config,
+        debug=args.debug,
+        overrides=args.cli_args,
+        seed=args.seed,
+        run_dir=args.run_dir,
+        log_dir=args.log_dir,
+        resume=args.resume,
+    )
     if result.summary_text:
         print(result.summary_text, flush=True)
-    if argv is None and result.preempted is not None:
-        raise SystemExit(result.preempted.code)
-    return result if argv is not None else None
+    return result
+
+
+def _preempted_status(result: Any) -> int | None:
+    """The exit status of a run that a signal stopped (``None``: it was not stopped)."""
+    preempted = getattr(result, "preempted", None)
+    return None if preempted is None else preempted.code
 
 
 if __name__ == "__main__":  # pragma: no cover

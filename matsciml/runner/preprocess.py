@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from matsciml.common.cli import add_no_progress, command_parser
 from matsciml.common.errors import ConfigError, DataError
 
 __all__ = ["build_parser", "preprocess", "main"]
@@ -30,9 +31,9 @@ __all__ = ["build_parser", "preprocess", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="matsciml-preprocess",
-        description="Build the on-disk graph cache (neighbour lists and graphs) of an experiment's datasets.",
+    parser = command_parser(
+        "matsciml-preprocess",
+        "Build the on-disk graph cache (neighbour lists and graphs) of an experiment's datasets.",
     )
     parser.add_argument("-e", "--experiment_config", type=Path, required=True, help="experiment config YAML")
     parser.add_argument("-m", "--model_config", type=Path, default=None, help="model config YAML or folder")
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="folder of the cache files (default: $MATSCIML_CACHE/graphs)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(parser, "--no-progress")
     return parser
 
 
