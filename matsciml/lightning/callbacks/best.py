@@ -69,12 +69,13 @@ class BestCheckpoint(MetricConsumer, ModelCheckpoint):
         Metric to rank checkpoints by (default ``"val_loss"``).
     mode
         ``"min"``, ``"max"`` or ``None`` (default: from the name).
-    save_top_k
-        Checkpoints kept (default 1; ``-1`` keeps all).
-    dirpath, filename, save_last, every_n_epochs, every_n_train_steps, save_on_train_epoch_end, verbose
-        As in ``ModelCheckpoint``; ``filename=None`` gives the name above.
+    filename
+        As in ``ModelCheckpoint``; ``None`` (default) gives the name above.
     **kwargs
-        Other ``ModelCheckpoint`` arguments.
+        The other ``ModelCheckpoint`` arguments, with its defaults: ``save_top_k``
+        (checkpoints kept, default 1; ``-1`` keeps all), ``dirpath``, ``save_last``,
+        ``every_n_epochs``, ``every_n_train_steps``, ``save_on_train_epoch_end``,
+        ``verbose``, ...
 
     Raises
     ------
@@ -86,14 +87,8 @@ class BestCheckpoint(MetricConsumer, ModelCheckpoint):
         self,
         monitor: str = "val_loss",
         mode: Literal["min", "max"] | None = None,
-        save_top_k: int = 1,
-        dirpath: str | None = None,
+        *,
         filename: str | None = None,
-        save_last: bool | None = None,
-        every_n_epochs: int | None = None,
-        every_n_train_steps: int | None = None,
-        save_on_train_epoch_end: bool | None = None,
-        verbose: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
@@ -101,19 +96,7 @@ class BestCheckpoint(MetricConsumer, ModelCheckpoint):
         mode = infer_mode(monitor, mode, f"BestCheckpoint(monitor={monitor!r})")
         if filename is None:
             filename = "best-{epoch}-{step}-{" + monitor + ":.6g}"
-        super().__init__(
-            dirpath=dirpath,
-            filename=filename,
-            monitor=monitor,
-            mode=mode,
-            save_top_k=save_top_k,
-            save_last=save_last,
-            every_n_epochs=every_n_epochs,
-            every_n_train_steps=every_n_train_steps,
-            save_on_train_epoch_end=save_on_train_epoch_end,
-            verbose=verbose,
-            **kwargs,
-        )
+        super().__init__(filename=filename, monitor=monitor, mode=mode, **kwargs)
 
     @override
     def consumed_metrics(self) -> list[str]:
