@@ -16,10 +16,11 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._base.monitored import MonitoredCallback
 from matsciml.lightning.callbacks._utils.checkpoint_io import save_checkpoint_atomic
 from matsciml.lightning.callbacks._utils.inference import all_gather_objects, run_inference
 from matsciml.lightning.callbacks._utils.metrics import (
@@ -171,7 +172,7 @@ def batch_metric_sums(pl_module: Any, batch: Any, prefix: str) -> dict[str, tupl
     return sums
 
 
-class BestMetricTracker(MetricConsumer, Callback):
+class BestMetricTracker(MonitoredCallback):
     """Record metrics of another dataset at the best value of a monitored metric.
 
     ``BestMetricTracker(monitor="val_loss", track=["test_loss"])`` logs
@@ -265,8 +266,6 @@ class BestMetricTracker(MetricConsumer, Callback):
         self.batch_size = batch_size
         self.use_ema = bool(use_ema)
         self.name_format = name_format
-        self.best: float | None = None
-        self.best_step: int | None = None
         self.best_epoch: int | None = None
         self.values: dict[str, float] = {}
 
@@ -276,27 +275,16 @@ class BestMetricTracker(MetricConsumer, Callback):
         return self.name_format.format(tracked=tracked, monitor=self.monitor, stage=stage)
 
     @override
-    def consumed_metrics(self) -> list[str]:
-        return [self.monitor]
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, track=self.track, dataset=self.dataset)
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "track": self.track, "dataset": self.dataset}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best": self.best,
-            "best_step": self.best_step,
-            "best_epoch": self.best_epoch,
-            "values": dict(self.values),
-        }
+        return {**super().state_dict(), "best_epoch": self.best_epoch, "values": dict(self.values)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-        self.best_step = state_dict.get("best_step")
+        super().load_state_dict(state_dict)
         self.best_epoch = state_dict.get("best_epoch")
         self.values = {str(k): float(v) for k, v in (state_dict.get("values") or {}).items()}
 

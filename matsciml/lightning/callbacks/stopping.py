@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError, MatSciMLError
+from matsciml.lightning.callbacks._base.monitored import MonitoredCallback
 from matsciml.lightning.callbacks._base.periodic import IntervalType, PeriodicCallback, check_period
 from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_checkpoint_atomic
 from matsciml.lightning.callbacks._utils.metrics import MetricConsumer, improves, infer_mode, is_fitting, metric_value
@@ -53,7 +54,7 @@ def stop_checkpoint_path(trainer: pl.Trainer) -> Any:
     return checkpoint_dir(trainer) / f"stop-step{trainer.global_step}.ckpt"
 
 
-class MetricEarlyStopping(MetricConsumer, Callback):
+class MetricEarlyStopping(MonitoredCallback):
     """Stop when a logged metric has not improved for ``patience`` consecutive checks.
 
     A check happens at the end of every validation during ``fit`` (not the sanity check),
@@ -132,27 +133,19 @@ class MetricEarlyStopping(MetricConsumer, Callback):
         self.min_delta_mode = min_delta_mode
         self.check_on_train_epoch_end = bool(check_on_train_epoch_end)
         self.save_checkpoint = bool(save_checkpoint)
-        self.best: float | None = None
-        self.best_step: int | None = None
         self.wait = 0
         self.num_checks = 0
         self.stopped_step: int | None = None
         self.reason: str | None = None
 
     @override
-    def consumed_metrics(self) -> list[str]:
-        return [self.monitor]
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "mode": self.mode}
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "best": self.best,
-            "best_step": self.best_step,
+            **super().state_dict(),
             "wait": self.wait,
             "num_checks": self.num_checks,
             "stopped_step": self.stopped_step,
@@ -161,8 +154,7 @@ class MetricEarlyStopping(MetricConsumer, Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-        self.best_step = state_dict.get("best_step")
+        super().load_state_dict(state_dict)
         self.wait = int(state_dict.get("wait", 0))
         self.num_checks = int(state_dict.get("num_checks", 0))
         self.stopped_step = state_dict.get("stopped_step")

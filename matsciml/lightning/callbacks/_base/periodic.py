@@ -26,6 +26,7 @@ from typing_extensions import override
 from matsciml.common.checks import check_int
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._base.isolation import IsolatedCallback
+from matsciml.lightning.callbacks._utils.state_key import StateKeyFields
 
 __all__ = ["PeriodicCallback", "IntervalType", "infer_batch_size", "check_period"]
 
@@ -77,7 +78,7 @@ def check_period(owner: str, **periods: int | None) -> tuple[str, int]:
     return name, value
 
 
-class PeriodicCallback(IsolatedCallback):
+class PeriodicCallback(StateKeyFields, IsolatedCallback):
     """Base class of callbacks that act every n epochs, optimizer updates or training samples.
 
     Subclasses override :meth:`track` (every training batch) and/or :meth:`periodic`
@@ -202,18 +203,14 @@ class PeriodicCallback(IsolatedCallback):
         assert self.every_n_samples is not None
         return "samples", self.every_n_samples
 
+    @override
     def state_key_fields(self) -> dict[str, Any]:
-        """What identifies this instance in a checkpoint (subclasses may add fields)."""
+        """The period and ``name``, when given (subclasses may add fields)."""
         kind, n = self.period
         fields: dict[str, Any] = {f"every_n_{kind}": n}
         if self.name is not None:
             fields["name"] = self.name
         return fields
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.state_key_fields())
 
     @override
     def state_dict(self) -> dict[str, Any]:

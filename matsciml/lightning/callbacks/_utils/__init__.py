@@ -4,6 +4,7 @@
 * :mod:`.names`: the names of the metrics the callbacks log;
 * :mod:`.reporting`: scalars, images and histograms to the loggers (or to files), the run folder;
 * :mod:`.metrics`: reading logged metrics, their mode, improvement;
+* :mod:`.state_key`: a callback's checkpoint identity from a few of its settings;
 * :mod:`.grads`: optimizer parameters, gradient norms, skipped steps, the grad scaler, batch ids;
 * :mod:`.inference`: evaluation over a named dataset outside Lightning's loops;
 * :mod:`.checkpoint_io`: where callbacks put checkpoints and how they write them;
