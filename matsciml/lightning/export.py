@@ -69,6 +69,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,6 @@ __all__ = [
     "load_exported",
 ]
 
-#: Names (and order) of the exported module's inputs.
-INPUT_NAMES = ("pos", "atomic_numbers", "edge_index", "cell_shifts", "cell", "batch")
 #: Prediction keys obtained by automatic differentiation; left out of exports.
 AUTOGRAD_KEYS = ("forces", "stress")
 #: Export methods.
@@ -111,8 +110,9 @@ class ExportError(MatSciMLError, RuntimeError):
     """The model could not be exported (or the export does not reproduce the model)."""
 
 
+@dataclass(eq=False)
 class GraphTensors:
-    """A graph made of the six input tensors, readable by :mod:`matsciml.common.graph`.
+    """A graph made of the six input tensors (:data:`INPUT_NAMES`), readable by :mod:`matsciml.common.graph`.
 
     Encoders read it like a PyG ``Batch``: ``pos`` ``[N, 3]``, ``atomic_numbers`` ``[N]``,
     ``edge_index`` ``[2, E]``, ``cell_shifts`` ``[E, 3]``, ``cell`` ``[B, 3, 3]``,
@@ -120,21 +120,12 @@ class GraphTensors:
     the two ``Data`` methods the force task uses.
     """
 
-    def __init__(
-        self,
-        pos: Tensor,
-        atomic_numbers: Tensor,
-        edge_index: Tensor,
-        cell_shifts: Tensor,
-        cell: Tensor,
-        batch: Tensor,
-    ) -> None:
-        self.pos = pos
-        self.atomic_numbers = atomic_numbers
-        self.edge_index = edge_index
-        self.cell_shifts = cell_shifts
-        self.cell = cell
-        self.batch = batch
+    pos: Tensor
+    atomic_numbers: Tensor
+    edge_index: Tensor
+    cell_shifts: Tensor
+    cell: Tensor
+    batch: Tensor
 
     @property
     def num_graphs(self) -> Any:
@@ -155,6 +146,10 @@ class GraphTensors:
         for name, value in self.to_dict().items():
             setattr(self, name, func(value))
         return self
+
+
+#: Names (and order) of the exported module's inputs: the fields of :class:`GraphTensors`.
+INPUT_NAMES = tuple(field.name for field in fields(GraphTensors))
 
 
 def graph_inputs(batch: Any) -> tuple[Tensor, ...]:
