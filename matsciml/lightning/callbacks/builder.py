@@ -40,6 +40,7 @@ Every error is a :class:`~matsciml.common.errors.ConfigError` naming the entry
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -194,13 +195,30 @@ def _wrapped(callback: Any, wrapper: dict[str, Any], where: str) -> Any:
         raise _located(err, where) from None
 
 
+def _passed_on(cls: type) -> list[str]:
+    """The keyword arguments of ``cls`` and of the base classes its ``**kwargs`` go on to."""
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", ()):
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        found, var_kw = _accepted(klass)
+        names += found
+        if not var_kw:
+            break
+    return names
+
+
 def _construct(cls: type, kwargs: dict[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise _located(err, where) from None
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {cls.__name__} refused its arguments {sorted(kwargs)}: {err}") from None
+        hint = ""
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown:  # a class that passes **kwargs on: name the closest argument of the classes they reach
+            hint = f"; {closest(unknown.group(1), _passed_on(cls))}"
+        raise ConfigError(f"{where}: {cls.__name__} refused its arguments {sorted(kwargs)}: {err}{hint}") from None
 
 
 def _check_callback(obj: Any, where: str) -> Any:

@@ -15,7 +15,7 @@ The inference pieces live in :mod:`matsciml.lightning.callbacks._utils.inference
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -104,14 +104,15 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
     ----------
     dataset
         Name of the dataset in the data module's ``datasets``.
-    every_n_epochs, every_n_updates, every_n_samples
-        The period (exactly one).
     batch_size
         Structures per inference batch; ``None`` (default) uses the data module's.
     use_ema
         Use the EMA weights when the EMA callback is on (default ``True``).
-    name, on_error, error_checkpoint
-        See :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`.
+    **periodic
+        The arguments of :class:`~matsciml.lightning.callbacks._base.periodic.PeriodicCallback`,
+        passed on unchanged: the period (exactly one of ``every_n_epochs``,
+        ``every_n_updates``, ``every_n_samples``), ``name``, ``on_error``,
+        ``error_checkpoint``.
 
     Raises
     ------
@@ -122,26 +123,8 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
         :meth:`process_data` returned something that cannot be split per sample.
     """
 
-    def __init__(
-        self,
-        dataset: str,
-        every_n_epochs: int | None = None,
-        every_n_updates: int | None = None,
-        every_n_samples: int | None = None,
-        batch_size: int | None = None,
-        use_ema: bool = True,
-        name: str | None = None,
-        on_error: Literal["stop", "continue"] = "stop",
-        error_checkpoint: bool = True,
-    ) -> None:
-        super().__init__(
-            every_n_epochs=every_n_epochs,
-            every_n_updates=every_n_updates,
-            every_n_samples=every_n_samples,
-            name=name,
-            on_error=on_error,
-            error_checkpoint=error_checkpoint,
-        )
+    def __init__(self, dataset: str, *, batch_size: int | None = None, use_ema: bool = True, **periodic: Any) -> None:
+        super().__init__(**periodic)
         if not isinstance(dataset, str) or not dataset:
             raise ConfigError(f"{type(self).__name__}: dataset={dataset!r} must be a dataset name such as 'test'")
         check_int(batch_size, "batch_size", type(self).__name__, optional=True)

@@ -81,6 +81,18 @@ def test_short_names_ignore_case_and_separators():
             r"callbacks\[1\]: give at most one of .* found every_n_epochs, every_n_samples",
         ),
         ({"kind": PERIODIC, "name": "p"}, r"callbacks\[1\]: Periodic refused its arguments .* exactly one"),
+        (  # arguments passed on through **kwargs: the closest name among those of the classes they reach
+            {"kind": "BestCheckpoint", "save_topk": 2},
+            r"callbacks\[1\]: BestCheckpoint refused its arguments \['save_topk'\]: .* did you mean 'save_top_k'",
+        ),
+        (
+            {
+                "kind": "matsciml.lightning.callbacks.data_iterator.PeriodicDataIteratorCallback",
+                "dataset": "test",
+                "every_n_epoch": 2,
+            },
+            r"callbacks\[1\]: PeriodicDataIteratorCallback refused .* did you mean 'every_n_epochs'",
+        ),
         (
             {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "monitor": "val_loss"},
             r"callbacks\[1\]: key 'monitor' next to class_path; put constructor arguments under init_args",
