@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["TEMPORARY_PREFIX", "atomic_path", "atomic_write_text", "fsync_folder"]
+__all__ = ["TEMPORARY_PREFIX", "atomic_path", "atomic_write_text", "fsync_folder", "leftover_temporaries"]
 
 #: Prefix of the temporary files of :func:`atomic_path` (never taken for a finished file).
 TEMPORARY_PREFIX = ".partial-"
@@ -46,8 +47,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, fsync: bool 
     path
         The final file (its folder is created).
     suffix
-        Ending of the temporary name; default: the suffixes of ``path`` (so writers that
-        infer the format from the name, such as ``savefig`` or ``ase.io.write``, still do).
+        Ending of the temporary name ``.partial-<pid>-<hex><suffix>``; default: the
+        suffixes of ``path`` (so writers that infer the format from the name, such as
+        ``savefig`` or ``ase.io.write``, still do). A suffix that names ``path`` lets
+        :func:`leftover_temporaries` find what a killed write left.
     fsync
         Flush the file and the folder to disk (checkpoints; a crash right after the rename
         then still finds the complete file).
@@ -78,3 +81,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def leftover_temporaries(path: str | os.PathLike, suffix: str) -> list[Path]:
+    """The temporary files of :func:`atomic_path` ``(path, suffix)`` beside ``path``.
+
+    A write killed inside the block (``SIGKILL``, a node failure) leaves its temporary
+    file behind; a writer that names ``path`` in ``suffix`` finds them here (of every
+    process: call it while no other process writes ``path``) and removes them.
+
+    Returns
+    -------
+    list of Path
+        The files named ``.partial-<pid>-<32 hex digits><suffix>``, sorted.
+    """
+    path = Path(path)
+    name = re.compile(re.escape(TEMPORARY_PREFIX) + r"\d+-[0-9a-f]{32}" + re.escape(suffix))
+    return sorted(p for p in path.parent.glob(TEMPORARY_PREFIX + "*") if name.fullmatch(p.name))

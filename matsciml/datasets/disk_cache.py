@@ -13,8 +13,9 @@ The file is written once, whole, by :func:`build_disk_cache`: through a temporar
 renamed into place (:func:`~matsciml.datasets.readers.lmdb_format.write_lmdb_entries`),
 under an exclusive ``flock`` on ``NAME.lmdb.lock`` so that concurrent processes (the
 ranks of a DDP run, two runs on one machine) build it once and the others wait and
-read it. A builder killed mid-write leaves only ``NAME.lmdb.tmp-<pid>``, which the next
-build removes; the final name is never half-written.
+read it. A builder killed mid-write leaves only its temporary file
+(``.partial-<pid>-<hex>.NAME.lmdb.tmp``, see :func:`~matsciml.common.atomic.leftover_temporaries`),
+which the next build removes; the final name is never half-written.
 
 Example::
 
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matsciml.common.atomic import leftover_temporaries
 from matsciml.common.errors import DataError
 from matsciml.datasets import schema
 from matsciml.datasets.readers.lmdb_format import (
@@ -45,6 +47,7 @@ from matsciml.datasets.readers.lmdb_format import (
     decode_arrays,
     encode_arrays,
     shared_env,
+    temporary_suffix,
     write_lmdb_entries,
 )
 
@@ -277,7 +280,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def _remove_leftovers(path: Path) -> list[Path]:
     """Delete temporary files of interrupted builds of ``path`` (call with the lock held)."""
     removed = []
-    for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+    for leftover in leftover_temporaries(path, temporary_suffix(path)):
         with contextlib.suppress(OSError):
             leftover.unlink()
             removed.append(leftover)

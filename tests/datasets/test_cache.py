@@ -207,7 +207,7 @@ def test_build_killed_mid_write_is_rebuilt_never_read(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    leftovers = list(cache_dir.glob("*.lmdb.tmp-*"))
+    leftovers = list(cache_dir.glob(".partial-*.lmdb.tmp"))
     assert leftovers and not list(cache_dir.glob("*.lmdb")), "only the temporary file may exist after the kill"
 
     SlowMarker.marker = None
@@ -328,7 +328,7 @@ def test_concurrent_builders_share_one_file(tmp_path):
         assert proc.exitcode == 0
     assert results[0] == results[1]
     assert [p.name for p in tmp_path.glob("*.lmdb")] == [Path(results[0][0]).name]
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob(".partial-*"))
     plain = StructureDataset(DATA / "alexandria_devset.extxyz", transforms=_transforms(4.0))
     want = collate_samples([plain[i] for i in range(len(plain))])["graph"]
     assert results[0][1:] == (want.edge_index.sum().item(), want.num_edges)

@@ -16,9 +16,10 @@ directory of several ``*.lmdb`` files, read one after the other as shards).
   reading a record never runs code (no pickle), and decoded tensors are bit-for-bit the
   ones written.
 
-The writer fills ``NAME.lmdb.tmp-<pid>`` and moves it onto ``NAME.lmdb`` with
-:func:`os.replace` once complete, so an interrupted write never leaves a half-written
-dataset under the final name.
+The writer fills a temporary file beside ``NAME.lmdb``
+(:func:`~matsciml.common.atomic.atomic_path`, ``.partial-<pid>-<hex>.NAME.lmdb.tmp``) and
+moves it onto ``NAME.lmdb`` with :func:`os.replace` once complete, so an interrupted write
+never leaves a half-written dataset under the final name.
 
 Example::
 
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matsciml.common.atomic import atomic_path
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.datasets import schema
 from matsciml.datasets.readers.common import atoms_to_sample
@@ -54,6 +56,7 @@ __all__ = [
     "encode_arrays",
     "decode_arrays",
     "write_lmdb_entries",
+    "temporary_suffix",
     "lmdb_files",
     "shared_env",
     "close_env",
@@ -475,10 +478,12 @@ def write_lmdb_entries(
 ) -> Path:
     """Write ``(key, value)`` entries and a JSON metadata record to an LMDB file, atomically.
 
-    The entries go to ``NAME.lmdb.tmp-<pid>``, which is synced and moved onto ``path`` with
-    :func:`os.replace` once complete: a reader finds the whole file or none (an existing
-    file at ``path`` is replaced). After an exception the temporary file is removed; after
-    a kill it is left behind under its temporary name, never under ``path``.
+    The entries go to a temporary file beside ``path`` (:func:`~matsciml.common.atomic.atomic_path`,
+    named ``.partial-<pid>-<hex>`` + :func:`temporary_suffix`), which is synced and moved
+    onto ``path`` with :func:`os.replace` once complete: a reader finds the whole file or
+    none (an existing file at ``path`` is replaced). After an exception the temporary file
+    is removed; after a kill it is left behind under its temporary name, never under
+    ``path``, and :func:`~matsciml.common.atomic.leftover_temporaries` finds it.
 
     Parameters
     ----------
@@ -491,47 +496,45 @@ def write_lmdb_entries(
         entries; stored as UTF-8 JSON under :data:`METADATA_KEY`.
     commit_every, map_size
         As for :func:`write_lmdb`.
-
-    Returns
-    -------
-    Path
-        ``path``.
     """
     import lmdb
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False, sync=False)
     count = 0
+    with atomic_path(path, suffix=temporary_suffix(path)) as tmp:
+        env = lmdb.open(str(tmp), subdir=False, map_size=map_size, lock=False, meminit=False, sync=False)
 
-    def flush(batch: list[tuple[bytes, bytes]]) -> None:
-        while True:
-            try:
-                with env.begin(write=True) as txn:
-                    for key, value in batch:
-                        txn.put(key, value)
-                return
-            except lmdb.MapFullError:
-                env.set_mapsize(env.info()["map_size"] * 2)
+        def flush(batch: list[tuple[bytes, bytes]]) -> None:
+            while True:
+                try:
+                    with env.begin(write=True) as txn:
+                        for key, value in batch:
+                            txn.put(key, value)
+                    return
+                except lmdb.MapFullError:
+                    env.set_mapsize(env.info()["map_size"] * 2)
 
-    try:
-        batch: list[tuple[bytes, bytes]] = []
-        for key, value in entries:
-            batch.append((key, value))
-            count += 1
-            if len(batch) >= commit_every:
-                flush(batch)
-                batch = []
-        batch.append((METADATA_KEY, json.dumps(metadata(count), sort_keys=True).encode("utf-8")))
-        flush(batch)
-        env.sync(True)
-        env.close()
-        os.replace(tmp, path)
-    except BaseException:
-        env.close()
-        for leftover in (tmp, tmp.with_name(tmp.name + "-lock")):
-            if leftover.exists():
-                leftover.unlink()
-        raise
+        try:
+            batch: list[tuple[bytes, bytes]] = []
+            for key, value in entries:
+                batch.append((key, value))
+                count += 1
+                if len(batch) >= commit_every:
+                    flush(batch)
+                    batch = []
+            batch.append((METADATA_KEY, json.dumps(metadata(count), sort_keys=True).encode("utf-8")))
+            flush(batch)
+            env.sync(True)
+        finally:
+            env.close()
     return path
+
+
+def temporary_suffix(path: str | Path) -> str:
+    """Ending of the temporary name of an LMDB file being written to ``path``: ``.NAME.tmp``.
+
+    It names the target (so the leftovers of a killed write of ``path`` can be told from
+    those of other files) and does not end in ``.lmdb`` (so that no reader of a folder of
+    shards takes it for data).
+    """
+    return f".{Path(path).name}.tmp"
