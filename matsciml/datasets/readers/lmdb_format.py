@@ -437,7 +437,8 @@ def write_lmdb(
     Returns
     -------
     Path
-        ``path``.
+        ``path``, holding every record and the ``__metadata__`` record (format, version,
+        length, target keys).
 
     Raises
     ------
