@@ -76,7 +76,8 @@ class StructureDataset(Dataset):
     Parameters
     ----------
     path
-        File or folder to read.
+        File or folder to read; ``None`` (default): the class's :meth:`default_path`
+        (:class:`EMTAlloyDataset`: the devset), which ``StructureDataset`` itself has not.
     transforms
         Callables ``sample -> sample`` applied in ``__getitem__`` (default ``None``). Items
         may also be ``class_path``/``init_args`` mappings, which are instantiated.
@@ -107,12 +108,13 @@ class StructureDataset(Dataset):
         truncated, or (with ``target_keys``) a record fails validation. The message names
         the file, the record index and id, the key, and a fix.
     ConfigError
-        ``on_invalid`` or ``format`` is not a valid value, or a transform is not callable.
+        No ``path`` and no default, ``on_invalid`` or ``format`` is not a valid value, or
+        a transform is not callable.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None = None,
         transforms: Sequence[Transform] | None = None,
         target_keys: Sequence[str] | None = None,
         on_invalid: str = "error",
@@ -120,6 +122,9 @@ class StructureDataset(Dataset):
         format: str | None = None,
     ) -> None:
         super().__init__()
+        path = self.default_path() if path is None else path
+        if path is None:
+            raise ConfigError(f"{type(self).__name__}: no path given; pass the file or folder to read (path=...)")
         if on_invalid not in ON_INVALID:
             raise ConfigError(f"on_invalid={on_invalid!r} is not valid; {closest(str(on_invalid), ON_INVALID)}")
         if isinstance(target_keys, str):
@@ -149,6 +154,11 @@ class StructureDataset(Dataset):
             if on_invalid == "drop":
                 self._drop_invalid()
             validate_dataset(self, self.target_keys)
+
+    @classmethod
+    def default_path(cls) -> Path | None:
+        """The data read when no ``path`` is given (``None``: a path is required)."""
+        return None
 
     def _drop_invalid(self) -> None:
         bad = invalid_target_records(self, self.target_keys or [])
@@ -250,26 +260,13 @@ class EMTAlloyDataset(StructureDataset):
         dataset: EMTAlloyDataset
         target_keys: [energy_per_atom]
 
-    Parameters
-    ----------
-    path
-        Data to read instead of the devset (default ``None``: the devset, generated and
-        cached on first use).
-    transforms, target_keys, on_invalid, cache, format
-        As for :class:`StructureDataset`.
+    ``path`` and the other arguments are those of :class:`StructureDataset`; without
+    ``path`` the devset is read (generated and cached on first use).
     """
 
-    def __init__(
-        self,
-        path: str | Path | None = None,
-        transforms: Sequence[Transform] | None = None,
-        target_keys: Sequence[str] | None = None,
-        on_invalid: str = "error",
-        cache: bool = True,
-        format: str | None = None,
-    ) -> None:
-        if path is None:
-            from matsciml.datasets.devset import devset_path
+    @classmethod
+    def default_path(cls) -> Path:
+        """The devset (:func:`~matsciml.datasets.devset.devset_path`)."""
+        from matsciml.datasets.devset import devset_path
 
-            path = devset_path()
-        super().__init__(path, transforms, target_keys, on_invalid, cache, format)
+        return devset_path()

@@ -441,6 +441,15 @@ def test_from_devset_and_registry(tmp_path, monkeypatch):
     assert set(available_datasets()) >= {"StructureDataset", "EMTAlloyDataset"}
     small = EMTAlloyDataset(dataset.path)
     assert len(small) == 12
+    with pytest.raises(ConfigError, match="StructureDataset: no path given"):
+        StructureDataset(target_keys=["energy"])
+
+    class Devset12(StructureDataset):  # the hook EMTAlloyDataset fills with the full devset
+        @classmethod
+        def default_path(cls):
+            return dataset.path
+
+    assert [s["id"] for s in Devset12()] == [dataset.raw(i)["id"] for i in range(12)]
     with pytest.raises(ConfigError, match="did you mean 'StructureDataset'"):
         get_dataset_class("StructureDatset")
 
