@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # ``import helpers`` from any test module
@@ -19,3 +20,17 @@ DATA = TESTS / "data"
 def data_dir() -> Path:
     """``tests/data``: the real devsets the tests read (never a path outside the repository)."""
     return DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the tests of a module, restored after them.
+
+    The tensors of the model tests are tiny: further threads only add overhead (and contend
+    with the other processes of the machine). A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,6 +30,8 @@ from matsciml.models.embeddings import Embeddings
 from matsciml.models.tasks.forces import ForceRegressionTask
 from matsciml.models.tasks.scalar import ScalarRegressionTask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 E3NN_KWARGS = {
@@ -41,14 +43,6 @@ E3NN_KWARGS = {
     "avg_num_neighbors": 20.0,
 }
 EGNN_KWARGS = tiny_egnn_kwargs(depth=2, cutoff=6.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from matsciml.models.layers import (
 )
 from matsciml.registry import names
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CUTOFF = 4.0
 DTYPE = torch.float64
 
@@ -132,15 +134,6 @@ def model(request):
     if request.param not in _PROTOTYPES:
         _PROTOTYPES[request.param] = MODELS[request.param]()
     return copy.deepcopy(_PROTOTYPES[request.param])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The graphs are tiny: extra intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_crystal(seed: int, natoms: int | None = None) -> Atoms:

@@ -15,20 +15,14 @@ from matsciml.models.base import ForceRegressionTask, ScalarRegressionTask
 from matsciml.models.tasks.energy_scale import energy_settings
 from matsciml.models.tasks.statistics import StatisticsAccumulator, fit_element_energies, target_statistics
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LIPS = Path(__file__).resolve().parents[1] / "data" / "lips_devset.extxyz"
 #: Steps of the learning test and the factor its force loss must fall by.
 STEPS = 80
 FORCE_LOSS_FACTOR = 2.0
 #: Untrained force RMS over the data's (normalised) that the magnitude test accepts.
 UNTRAINED_FORCE_FLOOR = 0.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _toy(seed: int = 0, rank_deficient: bool = False) -> tuple[list[dict], np.ndarray, np.ndarray]:
