@@ -1,4 +1,4 @@
-"""Helpers shared by test modules: tiny model arguments and a quiet CPU trainer.
+"""Helpers shared by test modules: tiny model arguments, a tiny encoder, quiet CPU trainers (one process or two), a list dataset.
 
 Importable as ``helpers`` from any test module (``tests/conftest.py`` puts this folder on
 ``sys.path``) and from scripts under ``tests/`` that insert it themselves.
@@ -6,14 +6,34 @@ Importable as ``helpers`` from any test module (``tests/conftest.py`` puts this 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from torch import nn
+from torch.utils.data import Dataset
 
-__all__ = ["tiny_egnn_kwargs", "tiny_egnn_yaml", "make_trainer"]
+from matsciml.common.graph import edge_index, edge_vectors, get_graph, graph_index, num_graphs
+from matsciml.models.embeddings import Embeddings
+
+__all__ = [
+    "tiny_egnn_kwargs",
+    "tiny_egnn_yaml",
+    "small_mace_kwargs",
+    "make_trainer",
+    "ddp_trainer",
+    "ItemsDataset",
+    "TinyEncoder",
+    "write_dedented",
+    "cli_error",
+]
 
 
 def tiny_egnn_kwargs(depth: int = 1, readout: str = "sum", cutoff: float | None = None, **overrides: Any) -> dict:
@@ -64,6 +84,52 @@ def tiny_egnn_yaml(**kwargs: Any) -> str:
     return yaml.safe_dump(tiny_egnn_kwargs(**kwargs), default_flow_style=True, width=10_000).strip()
 
 
+def small_mace_kwargs(**overrides: Any) -> dict:
+    """Arguments of a small :class:`~matsciml.models.pyg.mace.MACEWrapper` as plain YAML data.
+
+    Two interaction layers of ``8x0e + 8x1o``, ``r_max`` 4 Å; the classes are
+    ``class_instance`` / ``class_path`` specs (:func:`matsciml.common.config.instantiate`
+    builds them). ``mace_module`` is ``mace.modules.MACE`` unless overridden.
+    """
+    block = {"class_instance": "mace.modules.blocks.RealAgnosticResidualInteractionBlock"}
+    kwargs = {
+        "mace_module": {"class_instance": "mace.modules.MACE"},
+        "interaction_cls": block,
+        "interaction_cls_first": dict(block),
+        "gate": {"class_path": "torch.nn.SiLU"},
+        "MLP_irreps": "4x0e",
+        "atom_embedding_dim": 8,
+        "hidden_irreps": "8x0e + 8x1o",
+        "avg_num_neighbors": 12.0,
+        "correlation": 2,
+        "max_ell": 2,
+        "num_atom_embedding": 80,
+        "num_bessel": 4,
+        "num_interactions": 2,
+        "num_polynomial_cutoff": 5,
+        "r_max": 4.0,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def write_dedented(path: Path, text: str) -> Path:
+    """Write ``text`` (its common indentation removed) to ``path``, creating the folder; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli_error(capsys: Any, main: Callable[[list[str]], Any], args: list[str]) -> str:
+    """The error line of a command that must fail: ``main(args)`` exits with status 2 after one line on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
 def make_trainer(root: Any, callbacks: Sequence[Callback] = (), **kwargs: Any) -> pl.Trainer:
     """A CPU trainer without logger, progress bar or sanity check, 2 epochs; ``kwargs`` override.
 
@@ -82,3 +148,55 @@ def make_trainer(root: Any, callbacks: Sequence[Callback] = (), **kwargs: Any) -
     )
     options.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def ddp_trainer(root: Any, callbacks: Sequence[Callback], max_steps: int, **kwargs: Any) -> pl.Trainer:
+    """:func:`make_trainer` on two CPU processes (Lightning's ``ddp`` strategy, gloo) for ``max_steps`` steps.
+
+    Each rank reads the batches its module's ``train_dataloader`` gives (no distributed
+    sampler), so what every rank sees is explicit. Lightning starts the second process by
+    running the calling script again.
+    """
+    options = dict(devices=2, strategy="ddp", max_steps=max_steps, max_epochs=None, use_distributed_sampler=False)
+    return make_trainer(root, callbacks, **{**options, **kwargs})
+
+
+class ItemsDataset(Dataset):
+    """The items of a list, in order: pre-built batches, read with ``DataLoader(..., batch_size=None)``."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class TinyEncoder(nn.Module):
+    """Invariant test encoder: species embedding + smooth radial messages over edges (cosine cutoff).
+
+    Edge vectors come from positions (:func:`matsciml.common.graph.edge_vectors`), so forces
+    and stresses by autograd are exact.
+    """
+
+    def __init__(self, embedding_dim: int = 16, cutoff: float = 4.0) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.cutoff = cutoff
+        self.species = nn.Embedding(100, embedding_dim)
+        self.radial = nn.Sequential(nn.Linear(1, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+
+    def forward(self, batch) -> Embeddings:
+        graph = get_graph(batch)
+        z = graph.atomic_numbers.long()
+        ei = edge_index(graph)
+        dist = edge_vectors(graph).norm(dim=-1, keepdim=True)
+        envelope = 0.5 * (torch.cos(math.pi * dist / self.cutoff) + 1.0) * (dist < self.cutoff)
+        messages = self.radial(dist) * envelope * self.species(z[ei[1]])
+        points = self.species(z) + torch.zeros_like(self.species(z)).index_add(0, ei[0], messages)
+        index = graph_index(graph)
+        count = torch.bincount(index, minlength=num_graphs(graph)).clamp(min=1).to(points.dtype)
+        system = points.new_zeros(num_graphs(graph), points.shape[-1]).index_add(0, index, points) / count[:, None]
+        return Embeddings(system_embedding=system, point_embedding=points)

@@ -7,11 +7,11 @@ import csv
 import importlib.metadata
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_dedented
 
 from matsciml.common.errors import ConfigError
 from matsciml.registry import Registry, lookup, register_dataset, register_encoder, register_task, registry
@@ -55,15 +55,9 @@ class TinyRadialEncoder(nn.Module):
 '''
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 def _config_tree(root: Path, model_yaml: str) -> Path:
-    _write(root / "models" / "model.yaml", model_yaml)
-    _write(
+    write_dedented(root / "models" / "model.yaml", model_yaml)
+    write_dedented(
         root / "datasets" / "small.yaml",
         """\
         dataset: EMTAlloyDataset
@@ -76,7 +70,7 @@ def _config_tree(root: Path, model_yaml: str) -> Path:
           normalize_kwargs: {energy_per_atom_mean: 0.03, energy_per_atom_std: 0.05}
         """,
     )
-    _write(
+    write_dedented(
         root / "trainer.yaml",
         """\
         generic: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
@@ -85,7 +79,7 @@ def _config_tree(root: Path, model_yaml: str) -> Path:
           - class_path: lightning.pytorch.loggers.CSVLogger
         """,
     )
-    return _write(
+    return write_dedented(
         root / "experiments" / "run.yaml",
         "model: model\ndataset:\n  small:\n    - task: ScalarRegressionTask\n      targets: [energy_per_atom]\nseed: 0\n",
     )
@@ -143,12 +137,12 @@ def test_e3nn_encoder_by_short_name_trains_through_the_runner(tmp_path):
 def plugin_distribution(tmp_path, monkeypatch):
     """A module with a new encoder, installed as a distribution whose entry point is in ``matsciml.plugins``."""
     site = tmp_path / "site"
-    _write(site / "tiny_radial_plugin.py", PLUGIN_SOURCE)
-    _write(
+    write_dedented(site / "tiny_radial_plugin.py", PLUGIN_SOURCE)
+    write_dedented(
         site / "tiny_radial_plugin-0.1.dist-info" / "METADATA",
         "Metadata-Version: 2.1\nName: tiny-radial-plugin\nVersion: 0.1\n",
     )
-    _write(
+    write_dedented(
         site / "tiny_radial_plugin-0.1.dist-info" / "entry_points.txt",
         "[matsciml.plugins]\ntiny_radial = tiny_radial_plugin\n",
     )
@@ -219,10 +213,10 @@ def test_aliases_and_did_you_mean():
 def test_builtin_packages_are_walked(tmp_path, monkeypatch):
     """A new module anywhere inside a listed package is imported at the first lookup: no other edit needed."""
     pkg = tmp_path / "walked_pkg"
-    _write(pkg / "__init__.py", "")
-    _write(pkg / "deep" / "__init__.py", "")
-    _write(pkg / "deep" / "new_encoder.py", "LOADED = True\n")
-    _write(pkg / "_private.py", "raise RuntimeError('private modules are not imported')\n")
+    write_dedented(pkg / "__init__.py", "")
+    write_dedented(pkg / "deep" / "__init__.py", "")
+    write_dedented(pkg / "deep" / "new_encoder.py", "LOADED = True\n")
+    write_dedented(pkg / "_private.py", "raise RuntimeError('private modules are not imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fresh = Registry({"encoder": ("walked_pkg",)}, plugin_group=None)
     try:

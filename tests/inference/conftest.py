@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from inference_runs import ENCODER, REAL_DATA, TRAINER, experiment, run, write
+from helpers import write_dedented
+from inference_runs import ENCODER, REAL_DATA, TRAINER, experiment, run
 
 
 @pytest.fixture(scope="session")
@@ -14,15 +15,15 @@ def config_root(tmp_path_factory) -> Path:
     """models/{forces,bandgap}.yaml, datasets/{devset,oqmd}.yaml, trainer.yaml, experiments/."""
     root = tmp_path_factory.mktemp("inference_configs")
     # the envelope at the graph's cutoff keeps energies smooth as neighbours come and go (MD)
-    write(
+    write_dedented(
         root / "models" / "forces.yaml",
         ENCODER.replace("ENVELOPE", "  cutoff: 3.3").replace("CUTOFF", "3.3").replace("ADAPTIVE", "false"),
     )
-    write(
+    write_dedented(
         root / "models" / "bandgap.yaml",
         ENCODER.replace("ENVELOPE\n", "").replace("CUTOFF", "5.0").replace("ADAPTIVE", "true"),
     )
-    write(
+    write_dedented(
         root / "datasets" / "devset.yaml",
         """\
         dataset: EMTAlloyDataset
@@ -35,7 +36,7 @@ def config_root(tmp_path_factory) -> Path:
           normalize_kwargs: {energy_mean: 0.0, energy_std: 0.3, energy_per_atom_mean: 0.03, energy_per_atom_std: 0.05}
         """,
     )
-    write(
+    write_dedented(
         root / "datasets" / "oqmd.yaml",
         f"""\
         dataset: StructureDataset
@@ -49,8 +50,8 @@ def config_root(tmp_path_factory) -> Path:
           normalize_kwargs: {{band_gap_mean: 0.265, band_gap_std: 0.777}}
         """,
     )
-    write(root / "trainer.yaml", TRAINER.replace("EPOCHS", "2").replace("DECAY", "0.9"))
-    write(root / "trainer_short.yaml", TRAINER.replace("EPOCHS", "1").replace("DECAY", "0.9"))
+    write_dedented(root / "trainer.yaml", TRAINER.replace("EPOCHS", "2").replace("DECAY", "0.9"))
+    write_dedented(root / "trainer_short.yaml", TRAINER.replace("EPOCHS", "1").replace("DECAY", "0.9"))
     return root
 
 

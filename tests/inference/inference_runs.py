@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from helpers import write_dedented
+
 from matsciml.runner.cli import main
 
 REAL_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -57,15 +59,9 @@ callbacks:
 """
 
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 def experiment(root: Path, name: str, model: str, dataset: str, task: str, targets: list[str], extra: str = "") -> Path:
     body = f"model: {model}\ndataset:\n  {dataset}:\n    - task: {task}\n      targets: {targets}\nseed: 0\n"
-    return write(root / "experiments" / f"{name}.yaml", body + textwrap.dedent(extra))
+    return write_dedented(root / "experiments" / f"{name}.yaml", body + textwrap.dedent(extra))
 
 
 def run(root: Path, exp: Path, run_dir: Path, trainer: str = "trainer.yaml", *more: str):

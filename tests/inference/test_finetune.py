@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inference_runs import TRAINER, experiment, run, write
+from helpers import write_dedented
+from inference_runs import TRAINER, experiment, run
 
 from matsciml.common.errors import ConfigError
 from matsciml.runner.weights import freeze_encoder
@@ -13,7 +14,7 @@ from matsciml.runner.weights import freeze_encoder
 @pytest.fixture(scope="module")
 def finetuned(config_root, force_run, tmp_path_factory):
     # decay 1: the EMA never moves from where it starts, so the saved state_dict shows that start
-    write(config_root / "trainer_still_ema.yaml", TRAINER.replace("EPOCHS", "1").replace("DECAY", "1.0"))
+    write_dedented(config_root / "trainer_still_ema.yaml", TRAINER.replace("EPOCHS", "1").replace("DECAY", "1.0"))
     extra = f"""\
     load_weights:
       method: pretrained

@@ -10,6 +10,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error
 
 from matsciml.inference.cli import main
 
@@ -73,23 +74,16 @@ def test_predictions_equal_the_task_and_metrics_equal_hand_computation(band_gap_
     assert metrics["mean_predictor_mae"] == pytest.approx(np.abs(target[keep] - target[keep].mean()).mean(), rel=1e-6)
 
 
-def _error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
 def test_missing_and_corrupt_checkpoint_give_one_line(tmp_path, capsys, band_gap_run):
-    err = _error(capsys, [str(tmp_path / "nope.ckpt"), str(OQMD), "-o", str(tmp_path / "o")])
+    err = cli_error(capsys, main, [str(tmp_path / "nope.ckpt"), str(OQMD), "-o", str(tmp_path / "o")])
     assert "nope.ckpt" in err and "does not exist" in err
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(open(band_gap_run.last_checkpoint, "rb").read()[:4000])  # a truncated copy
-    err = _error(capsys, [str(corrupt), str(OQMD), "-o", str(tmp_path / "o")])
+    err = cli_error(capsys, main, [str(corrupt), str(OQMD), "-o", str(tmp_path / "o")])
     assert "corrupt.ckpt" in err and "cannot read" in err
-    err = _error(capsys, [band_gap_run.last_checkpoint, str(tmp_path / "none.extxyz"), "-o", str(tmp_path / "o")])
+    err = cli_error(
+        capsys, main, [band_gap_run.last_checkpoint, str(tmp_path / "none.extxyz"), "-o", str(tmp_path / "o")]
+    )
     assert "none.extxyz" in err
 
 

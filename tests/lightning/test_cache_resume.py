@@ -5,41 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import make_trainer, tiny_egnn_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from matsciml.datasets.transforms import PeriodicPropertiesTransform, PointCloudToGraphTransform
 from matsciml.lightning import MatSciMLDataModule
 
-TINY_EGNN = {
-    "embed_in_dim": 8,
-    "embed_hidden_dim": 8,
-    "embed_out_dim": 8,
-    "embed_depth": 1,
-    "embed_feat_dims": [8],
-    "embed_message_dims": [8],
-    "embed_position_dims": [],
-    "embed_edge_attributes_dim": 0,
-    "embed_activation": "silu",
-    "embed_residual": True,
-    "embed_normalize": True,
-    "embed_tanh": True,
-    "embed_activate_last": False,
-    "embed_k_linears": 1,
-    "embed_use_attention": False,
-    "embed_attention_norm": "sigmoid",
-    "readout": "sum",
-    "node_projection_depth": 1,
-    "node_projection_hidden_dim": 8,
-    "node_projection_activation": "silu",
-    "prediction_activation": "silu",
-    "prediction_out_dim": 1,
-    "prediction_depth": 1,
-    "prediction_hidden_dim": 8,
-    "encoder_only": True,
-}
 STEPS = 10  # 24 structures, 18 for training in batches of 4: 5 steps per epoch, 2 epochs
 
 
@@ -49,7 +22,7 @@ def _task():
     torch.manual_seed(0)
     return ScalarRegressionTask(
         encoder_class="PLEGNNBackbone",
-        encoder_kwargs=TINY_EGNN,
+        encoder_kwargs=tiny_egnn_kwargs(),
         task_keys=["energy_per_atom"],
         output_kwargs={"hidden_dim": 8},
         lr=0.01,
@@ -75,18 +48,7 @@ def _fit(root: Path, dm: MatSciMLDataModule, ckpt: Path | None = None, save: boo
     callbacks = []
     if save:
         callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1, filename="{step}"))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=STEPS,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        enable_checkpointing=save,
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
+    trainer = make_trainer(root, callbacks, max_steps=STEPS, max_epochs=None)
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt)
     return {k: v.detach().clone() for k, v in task.state_dict().items()}
 

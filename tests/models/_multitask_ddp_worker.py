@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
 import _multitask_helpers as helpers  # noqa: E402
+from helpers import ItemsDataset, ddp_trainer  # noqa: E402
 
 RHO = 0.05
 #: (structures of "a", structures of "b") per step and rank; "b" is absent on one rank at steps 1 and 2
@@ -36,23 +37,12 @@ def rank_batches(rank: int) -> list[dict]:
     return out
 
 
-class _List(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def make_module():
     torch.manual_seed(0)
     module = helpers.two_pair_module().double()
 
     def train_dataloader():
-        return torch.utils.data.DataLoader(_List(rank_batches(module.global_rank)), batch_size=None)
+        return torch.utils.data.DataLoader(ItemsDataset(rank_batches(module.global_rank)), batch_size=None)
 
     module.train_dataloader = train_dataloader
     return module
@@ -63,19 +53,7 @@ def main(out_dir: str) -> None:
 
     module = make_module()
     ema = ExponentialMovingAverageCallback(decay=0.7)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=len(SIZES[0]),
-        callbacks=[SAM(rho=RHO), ema],
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = ddp_trainer(out_dir, [SAM(rho=RHO), ema], len(SIZES[0]))
     trainer.fit(module)
     torch.save(
         {"raw": ema.raw_state_dict(), "ema": ema.ema_state_dict()}, Path(out_dir) / f"rank{trainer.global_rank}.pt"

@@ -1,5 +1,8 @@
 """Checks every encoder must pass, written once and run on the wrapped library encoders.
 
+A test module runs them all by deriving a class from :class:`EncoderChecks` (with its
+cutoff, tolerance and a ``model`` fixture); the ``check_*`` functions are the checks.
+
 Oracles: exact symmetries (rotation, reflection, translation, permutation of atoms, a 2x1x1
 supercell), central finite differences of the energy, and gradients reaching every parameter.
 The energy is a fixed linear readout of the per-atom embeddings, summed (what
@@ -9,6 +12,7 @@ The energy is a fixed linear readout of the per-atom embeddings, summed (what
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from ase import Atoms
 from test_encoders import batch_of, random_crystal, random_orthogonal, readout_weights, to_graph, transformed
@@ -108,3 +112,46 @@ def check_all_parameters_get_gradients(model, cutoff: float) -> None:
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+class EncoderChecks:
+    """The checks above as tests, run by a test class derived from this one.
+
+    The test module provides a ``model`` fixture (a fresh float64 encoder); the derived
+    class sets :attr:`GRAPH_CUTOFF` and :attr:`TOL` and implements :meth:`rebuild`.
+    """
+
+    #: Radius of the graphs (Å); wider than the encoder's cutoff, so that it must drop edges.
+    GRAPH_CUTOFF: float
+    #: Tolerance of the symmetry checks (relative to the largest value).
+    TOL: float
+
+    def rebuild(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A newly built float64 encoder of ``model``'s kind and sizes (other random weights)."""
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("reflect", [False, True])
+    def test_invariance_and_force_equivariance(self, model, reflect):
+        check_invariance_and_equivariance(model, self.GRAPH_CUTOFF, self.TOL, reflect)
+
+    def test_permutation_invariance(self, model):
+        check_permutation(model, self.GRAPH_CUTOFF, self.TOL)
+
+    def test_supercell_energy_is_twice_the_cell(self, model):
+        check_supercell(model, self.GRAPH_CUTOFF, self.TOL)
+
+    def test_forces_match_finite_differences(self, model):
+        check_forces_finite_differences(model, self.GRAPH_CUTOFF, rel=1e-6)
+
+    def test_every_parameter_gets_a_gradient(self, model):
+        check_all_parameters_get_gradients(model, self.GRAPH_CUTOFF)
+
+    def test_state_dict_round_trip_through_weights_only_load(self, model, tmp_path):
+        path = tmp_path / "encoder.pt"
+        torch.save(model.state_dict(), path)
+        torch.manual_seed(123)  # a differently initialised copy
+        fresh = self.rebuild(model)
+        fresh.load_state_dict(torch.load(path, weights_only=True))
+        graph = to_graph(random_crystal(3), self.GRAPH_CUTOFF)
+        with torch.no_grad():
+            assert torch.equal(fresh(graph).point_embedding, model(graph).point_embedding)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_mace_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_tasks import _energy, as_loader, emt_structures, make_batch, quiet_trainer
+from test_tasks import as_loader, emt_structures, fd_force, fd_stress, make_batch, quiet_trainer
 
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
 from matsciml.models.base import ForceRegressionTask, ScalarRegressionTask
@@ -23,18 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning" / "call
 from test_ema import Recorder, hand_ema, max_diff  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.slow,  # about a minute: ten small trainings and finite differences through five libraries
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning"),
 ]
-
-MACE_CLASSES = {
-    "mace_module": {"class_instance": "mace.modules.MACE"},
-    "interaction_cls": {"class_instance": "mace.modules.blocks.RealAgnosticResidualInteractionBlock"},
-    "interaction_cls_first": {"class_instance": "mace.modules.blocks.RealAgnosticResidualInteractionBlock"},
-    "gate": {"class_path": "torch.nn.SiLU"},
-    "MLP_irreps": "4x0e",
-}
 
 #: name -> (library, encoder_class, encoder_kwargs): small models, plain YAML-like data
 ENCODERS = {
@@ -73,23 +67,7 @@ ENCODERS = {
         },
     ),
     "TensorNet": ("matgl", "matsciml.models.TensorNet", {"units": 8, "nblocks": 1, "num_rbf": 8, "cutoff": 4.0}),
-    "MACEWrapper": (
-        "mace",
-        "matsciml.models.pyg.mace.MACEWrapper",
-        dict(
-            MACE_CLASSES,
-            atom_embedding_dim=8,
-            hidden_irreps="8x0e + 8x1o",
-            avg_num_neighbors=12.0,
-            correlation=2,
-            max_ell=2,
-            num_atom_embedding=80,
-            num_bessel=4,
-            num_interactions=2,
-            num_polynomial_cutoff=5,
-            r_max=4.0,
-        ),
-    ),
+    "MACEWrapper": ("mace", "matsciml.models.pyg.mace.MACEWrapper", small_mace_kwargs()),
 }
 
 
@@ -98,14 +76,6 @@ def _encoder(name: str):
     if importlib.util.find_spec(library) is None:
         pytest.skip(f"the {library} extra is not installed")
     return path, kwargs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -122,30 +92,11 @@ def test_forces_and_stress_equal_finite_differences_float64(name):
     pred = task(batch)
     forces, stress = pred["forces"].detach(), pred["stress"].detach()
     assert forces.abs().max() > 1e-5 and stress.abs().max() > 1e-6
-    h = 1e-5
-    pos, cell = batch["graph"].pos, batch["graph"].cell
     for atom, axis in [(0, 0), (1, 1), (2, 2)]:
-        energies = []
-        for sign in (1, -1):
-            moved = dict(batch, graph=batch["graph"].clone())
-            moved["graph"].pos[atom, axis] += sign * h
-            with torch.no_grad():
-                energies.append(_energy(task, moved).sum())
-        fd = -(energies[0] - energies[1]) / (2 * h)
+        fd = fd_force(task, batch, atom, axis)
         assert abs(float(fd - forces[atom, axis])) < 1e-6 * max(1.0, abs(float(fd))), (atom, axis)
     for i, j in [(0, 0), (1, 2), (2, 1)]:
-        energies = []
-        for sign in (1, -1):
-            d = torch.zeros(3, 3, dtype=torch.float64)
-            d[i, j] = sign * h
-            deform = torch.eye(3, dtype=torch.float64) + 0.5 * (d + d.T)
-            moved = dict(batch, graph=batch["graph"].clone())
-            moved["graph"].pos = pos @ deform
-            moved["graph"].cell = cell @ deform
-            with torch.no_grad():
-                energies.append(_energy(task, moved))
-        fd = (energies[0] - energies[1]) / (2 * h) / torch.linalg.det(cell).abs()
-        torch.testing.assert_close(stress[:, i, j], fd, atol=1e-6, rtol=0)
+        torch.testing.assert_close(stress[:, i, j], fd_stress(task, batch, i, j), atol=1e-6, rtol=0)
 
 
 class _Holding(Callback):

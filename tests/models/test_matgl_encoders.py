@@ -18,6 +18,8 @@ from test_encoders import random_crystal, to_graph  # noqa: E402
 from matsciml.common.errors import ConfigError, DataError  # noqa: E402
 from matsciml.models import CHGNet, M3GNet, MEGNet, TensorNet  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CUTOFF = 4.0  # the models' cutoff; graphs are built 0.5 Å wider, so the wrappers must drop edges
 GRAPH_CUTOFF = CUTOFF + 0.5
 TOL = 1e-8
@@ -61,45 +63,11 @@ def model(request):
     return copy.deepcopy(_BUILT[request.param])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+class TestMatglEncoders(checks.EncoderChecks):
+    GRAPH_CUTOFF, TOL = GRAPH_CUTOFF, TOL
 
-
-@pytest.mark.parametrize("reflect", [False, True])
-def test_invariance_and_force_equivariance(model, reflect):
-    checks.check_invariance_and_equivariance(model, GRAPH_CUTOFF, TOL, reflect)
-
-
-def test_permutation_invariance(model):
-    checks.check_permutation(model, GRAPH_CUTOFF, TOL)
-
-
-def test_supercell_energy_is_twice_the_cell(model):
-    checks.check_supercell(model, GRAPH_CUTOFF, TOL)
-
-
-def test_forces_match_finite_differences(model):
-    checks.check_forces_finite_differences(model, GRAPH_CUTOFF, rel=1e-6)
-
-
-def test_every_parameter_gets_a_gradient(model):
-    checks.check_all_parameters_get_gradients(model, GRAPH_CUTOFF)
-
-
-def test_state_dict_round_trip_through_weights_only_load(model, tmp_path):
-    path = tmp_path / "encoder.pt"
-    torch.save(model.state_dict(), path)
-    name = type(model).__name__
-    torch.manual_seed(123)  # a differently initialised copy
-    fresh = MODELS[name]().double()
-    fresh.load_state_dict(torch.load(path, weights_only=True))
-    graph = to_graph(random_crystal(3), GRAPH_CUTOFF)
-    with torch.no_grad():
-        assert torch.equal(fresh(graph).point_embedding, model(graph).point_embedding)
+    def rebuild(self, model):
+        return MODELS[type(model).__name__]().double()
 
 
 def test_unknown_element_and_argument_errors_are_clear():

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "tests" / "lightning" / "callbacks"))
 
 import _multitask_helpers as helpers  # noqa: E402
 from ema_ddp_script import FixedBatches  # noqa: E402
+from helpers import make_trainer  # noqa: E402
 from test_sam import max_abs_diff, reference_sam, windows_of  # noqa: E402
 
 from matsciml.common.errors import ConfigError, DataError  # noqa: E402
@@ -36,6 +37,7 @@ from matsciml.models.tasks.protocol import is_task  # noqa: E402
 from matsciml.runner.weights import load_weights  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*treespec.*"),
@@ -45,27 +47,9 @@ pytestmark = [
 DATA = REPO / "tests" / "data"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trainer(root, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(root),
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **options)
+    """:func:`helpers.make_trainer` without its epoch limit (the tests give their own)."""
+    return make_trainer(root, callbacks, **{"max_epochs": None, **kwargs})
 
 
 # ----------------------------------------------------------------------------- structure

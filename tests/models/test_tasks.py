@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones
 from ase.neighborlist import neighbor_list
+from helpers import TinyEncoder
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -24,43 +23,12 @@ from matsciml.models.embeddings import Embeddings
 from matsciml.models.tasks import get_task_class
 from matsciml.models.tasks.forces import energy_and_derivatives
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CUTOFF = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one thread avoids thread contention dominating the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- helpers
-class TinyEncoder(nn.Module):
-    """Invariant test encoder: species embedding + smooth radial messages over edges."""
-
-    def __init__(self, embedding_dim: int = 16, cutoff: float = CUTOFF) -> None:
-        super().__init__()
-        self.embedding_dim = embedding_dim
-        self.cutoff = cutoff
-        self.species = nn.Embedding(100, embedding_dim)
-        self.radial = nn.Sequential(nn.Linear(1, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
-
-    def forward(self, batch) -> Embeddings:
-        graph = get_graph(batch)
-        z = graph.atomic_numbers.long()
-        ei = edge_index(graph)
-        dist = edge_vectors(graph).norm(dim=-1, keepdim=True)
-        envelope = 0.5 * (torch.cos(math.pi * dist / self.cutoff) + 1.0) * (dist < self.cutoff)
-        messages = self.radial(dist) * envelope * self.species(z[ei[1]])
-        points = self.species(z) + torch.zeros_like(self.species(z)).index_add(0, ei[0], messages)
-        index = graph_index(graph)
-        count = torch.bincount(index, minlength=num_graphs(graph)).clamp(min=1).to(points.dtype)
-        system = points.new_zeros(num_graphs(graph), points.shape[-1]).index_add(0, index, points) / count[:, None]
-        return Embeddings(system_embedding=system, point_embedding=points)
-
-
 def emt_structures(n: int, seed: int = 0) -> list[Atoms]:
     """Small rattled Cu/Au/Ni cells with EMT energy, forces and stress in ``info``/``arrays``."""
     rng = np.random.default_rng(seed)
@@ -323,6 +291,36 @@ def _energy(task: ForceRegressionTask, batch: dict) -> torch.Tensor:
     return task(batch)["energy"]
 
 
+def fd_force(task: ForceRegressionTask, batch: dict, atom: int, axis: int, h: float = 1e-5) -> torch.Tensor:
+    """``-dE/dx`` of one coordinate (``E``: the batch's total energy) by central differences."""
+    energies = []
+    for sign in (1, -1):
+        moved = dict(batch, graph=batch["graph"].clone())
+        moved["graph"].pos[atom, axis] += sign * h
+        with torch.no_grad():
+            energies.append(_energy(task, moved).sum())
+    return -(energies[0] - energies[1]) / (2 * h)
+
+
+def fd_stress(task: ForceRegressionTask, batch: dict, i: int, j: int, h: float = 1e-5) -> torch.Tensor:
+    """Stress ``(i, j)`` of every structure ``[B]``: ``dE/d(strain_ij) / volume`` by central differences.
+
+    The strain is symmetric and moves positions and cells together (float64 batches).
+    """
+    pos, cell = batch["graph"].pos, batch["graph"].cell
+    energies = []
+    for sign in (1, -1):
+        d = torch.zeros(3, 3, dtype=torch.float64)
+        d[i, j] = sign * h
+        deform = torch.eye(3, dtype=torch.float64) + 0.5 * (d + d.T)
+        moved = dict(batch, graph=batch["graph"].clone())
+        moved["graph"].pos = pos @ deform
+        moved["graph"].cell = cell @ deform
+        with torch.no_grad():
+            energies.append(_energy(task, moved))
+    return (energies[0] - energies[1]) / (2 * h) / torch.linalg.det(cell).abs()
+
+
 def test_forces_and_stress_equal_finite_differences_float64():
     torch.manual_seed(4)
     structures = emt_structures(2, seed=4)
@@ -335,37 +333,18 @@ def test_forces_and_stress_equal_finite_differences_float64():
     batch = make_batch(structures, dtype=torch.float64)
     with torch.no_grad():
         pred = task(batch)
-    h = 1e-5
     pos = batch["graph"].pos
     fd_forces = torch.zeros_like(pos)
     for atom in range(pos.shape[0]):
         for axis in range(3):
-            energies = []
-            for sign in (1, -1):
-                moved = dict(batch, graph=batch["graph"].clone())
-                moved["graph"].pos[atom, axis] += sign * h
-                with torch.no_grad():
-                    energies.append(_energy(task, moved).sum())
-            fd_forces[atom, axis] = -(energies[0] - energies[1]) / (2 * h)
+            fd_forces[atom, axis] = fd_force(task, batch, atom, axis)
     torch.testing.assert_close(pred["forces"], fd_forces, atol=1e-6, rtol=0)
     assert pred["forces"].abs().max() > 1e-3
-
-    cell = batch["graph"].cell
-    fd_stress = torch.zeros(2, 3, 3, dtype=torch.float64)
+    fd = torch.zeros(2, 3, 3, dtype=torch.float64)
     for i in range(3):
         for j in range(3):
-            energies = []
-            for sign in (1, -1):
-                d = torch.zeros(3, 3, dtype=torch.float64)
-                d[i, j] = sign * h
-                deform = torch.eye(3, dtype=torch.float64) + 0.5 * (d + d.T)
-                moved = dict(batch, graph=batch["graph"].clone())
-                moved["graph"].pos = pos @ deform
-                moved["graph"].cell = cell @ deform
-                with torch.no_grad():
-                    energies.append(_energy(task, moved))
-            fd_stress[:, i, j] = (energies[0] - energies[1]) / (2 * h) / torch.linalg.det(cell).abs()
-    torch.testing.assert_close(pred["stress"], fd_stress, atol=1e-6, rtol=0)
+            fd[:, i, j] = fd_stress(task, batch, i, j)
+    torch.testing.assert_close(pred["stress"], fd, atol=1e-6, rtol=0)
 
 
 def test_force_loss_uses_energy_std():

@@ -23,7 +23,8 @@ from matsciml.lightning.callbacks.builder import build_callback
 from matsciml.runner.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_runner import _write, argv, configs, experiment  # noqa: E402, F401 - the shared config tree fixture
+from helpers import write_dedented  # noqa: E402
+from test_runner import argv, configs, experiment  # noqa: E402, F401 - the shared config tree fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning" / "callbacks"))
 from _callback_toys import ToyTask, make_datamodule, make_trainer  # noqa: E402
@@ -121,7 +122,7 @@ loggers:
 
 
 def _run(configs, tmp_path, text):
-    trainer = _write(tmp_path / "trainer.yaml", text)
+    trainer = write_dedented(tmp_path / "trainer.yaml", text)
     args = argv(configs, configs / "experiments" / "energy.yaml", tmp_path / "run")
     args[args.index("-t") + 1] = str(trainer)
     return main(args)

@@ -5,11 +5,11 @@ Nothing here trains; the data-dependent checks use a 40-structure devset.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import write_dedented
 
 from matsciml.common.errors import ConfigError
 from matsciml.runner import build
@@ -28,12 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "experiments" / "configs"
 
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 def cfg(name: str, data: dict, path: str | None = None) -> ConfigFile:
     return ConfigFile(name, Path(path or f"{name}.yaml"), data)
 
@@ -42,9 +36,9 @@ def cfg(name: str, data: dict, path: str | None = None) -> ConfigFile:
 
 
 def test_registry_by_file_stem_recursive(tmp_path):
-    write(tmp_path / "models" / "egnn_dgl.yaml", "lr: 0.1\n")
-    write(tmp_path / "models" / "sub" / "e3nn.yaml", "lr: 0.2\n")
-    write(tmp_path / "models" / "notes.txt", "not yaml")
+    write_dedented(tmp_path / "models" / "egnn_dgl.yaml", "lr: 0.1\n")
+    write_dedented(tmp_path / "models" / "sub" / "e3nn.yaml", "lr: 0.2\n")
+    write_dedented(tmp_path / "models" / "notes.txt", "not yaml")
     reg = load_registry(tmp_path / "models", "model")
     assert sorted(reg) == ["e3nn", "egnn_dgl"]
     assert reg["e3nn"].data == {"lr": 0.2}
@@ -54,11 +48,11 @@ def test_registry_by_file_stem_recursive(tmp_path):
 
 
 def test_registry_duplicate_stem_and_bad_yaml(tmp_path):
-    write(tmp_path / "a" / "x.yaml", "lr: 1\n")
-    write(tmp_path / "a" / "b" / "x.yaml", "lr: 2\n")
+    write_dedented(tmp_path / "a" / "x.yaml", "lr: 1\n")
+    write_dedented(tmp_path / "a" / "b" / "x.yaml", "lr: 2\n")
     with pytest.raises(ConfigError, match="two model configs are named 'x'"):
         load_registry(tmp_path / "a", "model")
-    bad = write(tmp_path / "bad" / "y.yaml", "lr: [1, 2\n")
+    bad = write_dedented(tmp_path / "bad" / "y.yaml", "lr: [1, 2\n")
     with pytest.raises(ConfigError) as err:
         load_registry(bad, "model")
     assert str(bad) in str(err.value) and "not valid YAML" in str(err.value) and "line" in str(err.value)
@@ -67,13 +61,13 @@ def test_registry_duplicate_stem_and_bad_yaml(tmp_path):
 
 
 def test_trainer_folder_rules(tmp_path):
-    write(tmp_path / "one" / "mine.yaml", "generic: {max_epochs: 1}\n")
+    write_dedented(tmp_path / "one" / "mine.yaml", "generic: {max_epochs: 1}\n")
     assert load_trainer_config(tmp_path / "one").name == "mine"
-    write(tmp_path / "two" / "trainer.yaml", "generic: {max_epochs: 2}\n")
-    write(tmp_path / "two" / "other.yaml", "generic: {max_epochs: 3}\n")
+    write_dedented(tmp_path / "two" / "trainer.yaml", "generic: {max_epochs: 2}\n")
+    write_dedented(tmp_path / "two" / "other.yaml", "generic: {max_epochs: 3}\n")
     assert load_trainer_config(tmp_path / "two").data["generic"]["max_epochs"] == 2
-    write(tmp_path / "three" / "a.yaml", "{}\n")
-    write(tmp_path / "three" / "b.yaml", "{}\n")
+    write_dedented(tmp_path / "three" / "a.yaml", "{}\n")
+    write_dedented(tmp_path / "three" / "b.yaml", "{}\n")
     with pytest.raises(ConfigError, match="several configs"):
         load_trainer_config(tmp_path / "three")
 

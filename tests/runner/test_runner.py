@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny_egnn_yaml
+from helpers import cli_error, tiny_egnn_yaml, write_dedented
 
 from matsciml.common.errors import ConfigError
 from matsciml.runner.cli import main
@@ -32,20 +32,14 @@ transforms:
 """.replace("ENCODER_KWARGS", tiny_egnn_yaml(readout="mean", node_projection_hidden_dim="WIDTH"))
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> Path:
     """A config tree: trainer.yaml, models/{tiny,tiny_dgl,wide}.yaml, datasets/small.yaml, experiments."""
     root = tmp_path_factory.mktemp("configs")
-    _write(root / "models" / "tiny.yaml", TINY_MODEL.replace("BACKEND", "pyg").replace("WIDTH", "8"))
-    _write(root / "models" / "tiny_dgl.yaml", TINY_MODEL.replace("BACKEND", "dgl").replace("WIDTH", "8"))
-    _write(root / "models" / "wide.yaml", TINY_MODEL.replace("BACKEND", "pyg").replace("WIDTH", "16"))
-    _write(
+    write_dedented(root / "models" / "tiny.yaml", TINY_MODEL.replace("BACKEND", "pyg").replace("WIDTH", "8"))
+    write_dedented(root / "models" / "tiny_dgl.yaml", TINY_MODEL.replace("BACKEND", "dgl").replace("WIDTH", "8"))
+    write_dedented(root / "models" / "wide.yaml", TINY_MODEL.replace("BACKEND", "pyg").replace("WIDTH", "16"))
+    write_dedented(
         root / "datasets" / "small.yaml",
         f"""\
         dataset: EMTAlloyDataset
@@ -58,7 +52,7 @@ def configs(tmp_path_factory) -> Path:
           normalize_kwargs: {{energy_per_atom_mean: 0.03, energy_per_atom_std: 0.05}}
         """,
     )
-    _write(
+    write_dedented(
         root / "trainer.yaml",
         """\
         generic: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
@@ -76,7 +70,7 @@ def configs(tmp_path_factory) -> Path:
 
 def experiment(root: Path, name: str, model: str = "tiny", targets=("energy_per_atom",), extra: str = "") -> Path:
     body = f"model: {model}\ndataset:\n  small:\n    - task: ScalarRegressionTask\n      targets: {list(targets)}\nseed: 0\n"
-    return _write(root / "experiments" / f"{name}.yaml", body + textwrap.dedent(extra))
+    return write_dedented(root / "experiments" / f"{name}.yaml", body + textwrap.dedent(extra))
 
 
 def argv(root: Path, exp: Path, run_dir: Path, *more: str) -> list[str]:
@@ -91,15 +85,6 @@ def trained(configs, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "energy"
     result = main(argv(configs, configs / "experiments" / "energy.yaml", run_dir, "-c", "model.lr.0.005"))
     return result
-
-
-def _cli_error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
 
 
 # ----------------------------------------------------------------------------- a full (tiny) run
@@ -147,7 +132,7 @@ def test_ema_run_summary_gives_ema_and_raw_mae(configs, tmp_path):
     equal to a hand-computed MAE of the checkpoint's EMA state_dict and of its saved raw weights."""
     from matsciml.runner.weights import read_raw_weights
 
-    trainer = _write(
+    trainer = write_dedented(
         tmp_path / "trainer_ema.yaml",
         """\
         generic: {max_epochs: 2, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
@@ -256,30 +241,30 @@ def test_backend_dgl_runs_without_dgl(configs, tmp_path):
 
 
 def test_cli_unknown_model_stem(configs, capsys, tmp_path):
-    exp = _write(
+    exp = write_dedented(
         configs / "experiments" / "typo.yaml",
         "model: tiny_dlg\ndataset:\n  small:\n    - task: ScalarRegressionTask\n      targets: [energy]\n",
     )
-    err = _cli_error(capsys, argv(configs, exp, tmp_path / "r"))
+    err = cli_error(capsys, main, argv(configs, exp, tmp_path / "r"))
     assert "typo.yaml: model" in err and "did you mean 'tiny_dgl'" in err
     assert not (tmp_path / "r").exists()
 
 
 def test_cli_target_not_listed_in_dataset_config(configs, capsys, tmp_path):
     exp = experiment(configs, "notlisted", targets=["energy_per_atm"])
-    err = _cli_error(capsys, argv(configs, exp, tmp_path / "r"))
+    err = cli_error(capsys, main, argv(configs, exp, tmp_path / "r"))
     assert "notlisted.yaml: dataset.small[0].targets" in err and "small.yaml" in err
     assert "did you mean 'energy_per_atom'" in err
 
 
 def test_cli_target_missing_from_data(configs, capsys, tmp_path):
     exp = experiment(configs, "nodata", targets=["band_gap"])
-    err = _cli_error(capsys, argv(configs, exp, tmp_path / "r"))
+    err = cli_error(capsys, main, argv(configs, exp, tmp_path / "r"))
     assert "small.yaml: target_keys" in err and "'band_gap'" in err and "no record has this target" in err
 
 
 def test_cli_unknown_monitor(configs, capsys, tmp_path):
-    trainer = _write(
+    trainer = write_dedented(
         tmp_path / "t.yaml",
         """\
         callbacks:
@@ -289,13 +274,13 @@ def test_cli_unknown_monitor(configs, capsys, tmp_path):
     )
     args = argv(configs, configs / "experiments" / "energy.yaml", tmp_path / "r")
     args[args.index("-t") + 1] = str(trainer)
-    err = _cli_error(capsys, args)
+    err = cli_error(capsys, main, args)
     assert "t.yaml: callbacks[0].init_args.monitor" in err and "did you mean 'val_energy_per_atom_mae'" in err
 
 
 def test_cli_bad_override_and_options(configs, capsys, tmp_path):
     args = argv(configs, configs / "experiments" / "energy.yaml", tmp_path / "r", "-c", "trainer.callbacks.x.1")
-    err = _cli_error(capsys, args)
+    err = cli_error(capsys, main, args)
     assert "callbacks" in err and "not lists" in err
     assert main(["-o", "-m", str(configs / "models"), "-d", str(configs / "datasets")]) == 0
     out = capsys.readouterr().out

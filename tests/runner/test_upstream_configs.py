@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import write_dedented
 
 from matsciml.runner.cli import build_parser, main
 from matsciml.runner.experiment import prepare_experiment
@@ -16,17 +16,11 @@ UP = REPO / "tests" / "data" / "upstream"
 MODELS = REPO / "experiments" / "configs" / "models"
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> Path:
     """Dataset configs exactly in the toolkit's layout (experiments/configs/datasets/{oqmd,lips}.yaml)."""
     root = tmp_path_factory.mktemp("upstream_configs")
-    _write(
+    write_dedented(
         root / "datasets" / "oqmd.yaml",
         f"""\
         dataset: OQMDDataset
@@ -43,7 +37,7 @@ def configs(tmp_path_factory) -> Path:
         - stability
         """,
     )
-    _write(
+    write_dedented(
         root / "datasets" / "lips.yaml",
         """\
         dataset: LiPSDataset
@@ -59,7 +53,7 @@ def configs(tmp_path_factory) -> Path:
         - force
         """,
     )
-    _write(
+    write_dedented(
         root / "trainer.yaml",
         """\
         generic: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, log_every_n_steps: 1}
@@ -69,7 +63,7 @@ def configs(tmp_path_factory) -> Path:
           - class_path: lightning.pytorch.loggers.CSVLogger
         """,
     )
-    _write(root / "band_gap.yaml", "model: egnn_dgl\ndataset:\n  oqmd:\n    - task: ScalarRegressionTask\n"
+    write_dedented(root / "band_gap.yaml", "model: egnn_dgl\ndataset:\n  oqmd:\n    - task: ScalarRegressionTask\n"
            "      targets: [band_gap]\nseed: 0\n")  # fmt: skip
     tiny = (MODELS / "egnn_dgl.yaml").read_text()
     for old, new in (
@@ -81,8 +75,8 @@ def configs(tmp_path_factory) -> Path:
         ("cutoff_radius: 6.5", "cutoff_radius: 4.0"),
     ):
         tiny = tiny.replace(old, new)
-    _write(root / "models" / "tiny_dgl.yaml", tiny)  # the upstream model file, narrowed for speed
-    _write(root / "forces.yaml", "model: tiny_dgl\ndataset:\n  lips:\n    - task: ForceRegressionTask\n"
+    write_dedented(root / "models" / "tiny_dgl.yaml", tiny)  # the upstream model file, narrowed for speed
+    write_dedented(root / "forces.yaml", "model: tiny_dgl\ndataset:\n  lips:\n    - task: ForceRegressionTask\n"
            "      targets: [energy, force]\nseed: 0\n")  # fmt: skip
     return root
 

@@ -15,6 +15,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/
+from helpers import ItemsDataset, ddp_trainer  # noqa: E402
+
 STEPS = 4
 BATCH = 4
 RHO = 0.05
@@ -41,17 +44,6 @@ def mse(net: nn.Module, batch) -> torch.Tensor:
     return (net(x) - y).pow(2).mean()
 
 
-class _List(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 class PlainModule(pl.LightningModule):
     def __init__(self):
         super().__init__()
@@ -69,7 +61,7 @@ class PlainModule(pl.LightningModule):
 
     def train_dataloader(self):
         # one pre-built batch per item, so the shard of each rank is explicit
-        return torch.utils.data.DataLoader(_List(rank_batches(self.global_rank)), batch_size=None)
+        return torch.utils.data.DataLoader(ItemsDataset(rank_batches(self.global_rank)), batch_size=None)
 
 
 class ProtocolModule(PlainModule):
@@ -115,19 +107,7 @@ def main(out_dir: str, second_pass: str) -> None:
     from matsciml.lightning.callbacks.sam import SAM
 
     module = ProtocolModule() if second_pass == "protocol" else PlainModule()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=STEPS,
-        callbacks=[SAM(rho=RHO)],
-        use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = ddp_trainer(out_dir, [SAM(rho=RHO)], STEPS)
     trainer.fit(module)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     torch.save({"weights": weights, "calls": module.calls}, Path(out_dir) / f"rank{trainer.global_rank}.pt")

@@ -26,8 +26,9 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from helpers import ItemsDataset, make_trainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch_geometric.data import Batch, Data
 
 from matsciml.common.graph import get_graph
@@ -96,19 +97,8 @@ def oqmd_batches(size: int = 8, count: int = 4, fractional: bool = False) -> lis
     return batches
 
 
-class Batches(Dataset):
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.batches[index]
-
-
 def loader(batches: list[dict[str, Any]]) -> DataLoader:
-    return DataLoader(Batches(batches), batch_size=None, shuffle=False)
+    return DataLoader(ItemsDataset(batches), batch_size=None, shuffle=False)
 
 
 class TinyEncoder(nn.Module):
@@ -221,20 +211,9 @@ class PlainModule(pl.LightningModule):
 
 
 def trainer(root: Path, callbacks: list, max_steps: int = 6, logger: Any = False, **kwargs: Any) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(root),
-        num_sanity_val_steps=0,
-        max_steps=max_steps,
-        log_every_n_steps=1,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    """:func:`helpers.make_trainer` for ``max_steps`` steps, logging every step."""
+    options = dict(logger=logger, max_steps=max_steps, max_epochs=None, log_every_n_steps=1)
+    return make_trainer(root, callbacks, **{**options, **kwargs})
 
 
 def fit(

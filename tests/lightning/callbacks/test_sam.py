@@ -19,15 +19,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import TinyEncoder
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from matsciml.common.config import instantiate
 from matsciml.common.errors import ConfigError
-from matsciml.common.graph import edge_index, edge_vectors, get_graph, graph_index, num_graphs
 from matsciml.lightning.callbacks._utils import sam_math as _sam_math
 from matsciml.lightning.callbacks.sam import SAM
-from matsciml.models.embeddings import Embeddings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -660,30 +659,6 @@ def test_ddp_two_processes(tmp_path, second_pass):
 
 
 # ----------------------------------------------------------------------------- the project's tasks
-class SmallEncoder(nn.Module):
-    """Invariant encoder computing edge vectors from positions (so forces by autograd are exact)."""
-
-    def __init__(self, embedding_dim: int = 8, cutoff: float = 4.0) -> None:
-        super().__init__()
-        self.embedding_dim = embedding_dim
-        self.cutoff = cutoff
-        self.species = nn.Embedding(100, embedding_dim)
-        self.radial = nn.Sequential(nn.Linear(1, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
-
-    def forward(self, batch):
-        graph = get_graph(batch)
-        z = graph.atomic_numbers.long()
-        ei = edge_index(graph)
-        dist = edge_vectors(graph).norm(dim=-1, keepdim=True)
-        envelope = 0.5 * (torch.cos(math.pi * dist / self.cutoff) + 1.0) * (dist < self.cutoff)
-        messages = self.radial(dist) * envelope * self.species(z[ei[1]])
-        points = self.species(z) + torch.zeros_like(self.species(z)).index_add(0, ei[0], messages)
-        index = graph_index(graph)
-        count = torch.bincount(index, minlength=num_graphs(graph)).clamp(min=1).to(points.dtype)
-        system = points.new_zeros(num_graphs(graph), points.shape[-1]).index_add(0, index, points) / count[:, None]
-        return Embeddings(system_embedding=system, point_embedding=points)
-
-
 def emt_batches(n_batches: int = 3, per_batch: int = 2) -> list[dict]:
     """Batches (schema layout) of rattled Cu/Au cells with EMT energies and forces, float64."""
     import numpy as np
@@ -730,7 +705,7 @@ def test_with_project_tasks(task_name):
     cls = getattr(tasks, task_name)
     torch.manual_seed(0)
     keys = ["energy", "forces"] if task_name == "ForceRegressionTask" else ["energy"]
-    task = cls(encoder=SmallEncoder(), task_keys=keys, lr=0.01, output_kwargs={"hidden_dim": 8}).double()
+    task = cls(encoder=TinyEncoder(embedding_dim=8), task_keys=keys, lr=0.01, output_kwargs={"hidden_dim": 8}).double()
     batches = emt_batches()
     start = copy.deepcopy(task)
     data = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
