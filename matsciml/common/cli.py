@@ -2,9 +2,10 @@
 
 * :func:`command_parser`: the parser of a command, with its positional paths, and
   :func:`add_no_progress`, its flag that turns the progress bar off;
-* :func:`run_command`: the body of every ``main(argv=None)``: parse, run, report errors as
-  one line ``error: ...`` on stderr with status 2 (:func:`exit_on_error`), and return the
-  result to a Python caller or nothing to the console script.
+* :func:`run_command`: the body of ``main(argv=None)`` (``matsciml-train``, ``-predict``,
+  ``-convert``): parse, run, report errors as one line ``error: ...`` on stderr with
+  status 2 (:func:`exit_on_error`), and return the result to a Python caller or nothing
+  to the console script.
 """
 
 from __future__ import annotations
