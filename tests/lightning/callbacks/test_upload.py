@@ -80,7 +80,7 @@ def mlflow_server(tmp_path_factory, quiet_env):
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # about 10 s on an idle machine, minutes on a loaded one
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
