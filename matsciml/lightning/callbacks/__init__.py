@@ -24,6 +24,9 @@ Prediction writers (``trainer.predict``)
 Batch jobs and logs
     :class:`PreemptionCheckpoint` (resume checkpoint at a step boundary, requeue),
     :class:`RNGStateCallback` (generator states in checkpoints), :class:`LogProgressBar`.
+Experiment trackers and emissions (extras ``tracking`` and ``emissions``)
+    :class:`UploadCheckpoint` (best checkpoint, config, report, metadata to MLflow and W&B),
+    :class:`CodeCarbonCallback` (energy and CO2-equivalent emissions per epoch and in total).
 
 Layout: shared helpers in ``_utils`` (no callback imports), base classes in ``_base``
 (import ``_utils`` only), one callback per module (imports ``_utils``, ``_base`` and the task
@@ -46,6 +49,7 @@ from matsciml.lightning.callbacks.builder import build_callbacks, register_built
 from matsciml.lightning.callbacks.data_iterator import PeriodicDataIteratorCallback
 from matsciml.lightning.callbacks.dataset_stats import DatasetStatsCallback
 from matsciml.lightning.callbacks.ema import ExponentialMovingAverageCallback
+from matsciml.lightning.callbacks.emissions import CodeCarbonCallback
 from matsciml.lightning.callbacks.events import fire_event
 from matsciml.lightning.callbacks.garbage import GarbageCallback
 from matsciml.lightning.callbacks.gradients import (
@@ -72,6 +76,7 @@ from matsciml.lightning.callbacks.throughput import ThroughputCallback
 from matsciml.lightning.callbacks.track_outputs import TrackOutputsCallback
 from matsciml.lightning.callbacks.train_end import ArchiveOnTrainEnd, ExportOnTrainEnd, TestOnTrainEnd
 from matsciml.lightning.callbacks.unused import UnusedParametersCallback
+from matsciml.lightning.callbacks.upload import UploadCheckpoint
 from matsciml.lightning.writers import InferenceWriter, LeaderboardWriter
 
 __all__ = [
@@ -119,6 +124,8 @@ __all__ = [
     "DatasetStatsCallback",
     "TrackOutputsCallback",
     "StopTrainingCheckpoint",
+    "UploadCheckpoint",
+    "CodeCarbonCallback",
     "build_callbacks",
 ]
 

@@ -67,7 +67,7 @@ class AtomAttributionCallback(Callback):
     callback is on: it swaps them in for the whole validation loop). Each structure is
     drawn (x-y projection, atoms coloured by attribution, element labels, cell edges, colour
     bar), written to ``<run folder>/attributions/epoch<e>_<id>.png`` and logged as an image
-    to every TensorBoard and W&B logger; the numbers go to
+    to every TensorBoard, W&B and MLflow logger; the numbers go to
     ``<run folder>/attributions/attributions.csv`` (epoch, structure id, atom, element,
     attribution, prediction, baseline prediction).
 

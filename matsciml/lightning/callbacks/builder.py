@@ -72,6 +72,8 @@ ALIASES: dict[str, str] = {
     "model_checkpoint": "lightning.pytorch.callbacks.ModelCheckpoint",
     "early_stopping": "lightning.pytorch.callbacks.EarlyStopping",
     "lr_monitor": "lightning.pytorch.callbacks.LearningRateMonitor",
+    "codecarbon": "matsciml.lightning.callbacks.emissions.CodeCarbonCallback",
+    "emissions": "matsciml.lightning.callbacks.emissions.CodeCarbonCallback",
     # the class names of other frameworks (Noether, luxonis-train)
     "EMACallback": "matsciml.lightning.callbacks.ema.ExponentialMovingAverageCallback",
     "BestCheckpointCallback": "matsciml.lightning.callbacks.best.BestCheckpoint",
@@ -79,17 +81,20 @@ ALIASES: dict[str, str] = {
     "FixedUpdateEarlyStopping": "matsciml.lightning.callbacks.stopping.FixedBudgetStopping",
     "CheckpointCallback": "lightning.pytorch.callbacks.ModelCheckpoint",
     "GradCamCallback": "matsciml.lightning.callbacks.atom_attribution.AtomAttributionCallback",
+    "UploadCheckpointOnTrainEnd": "matsciml.lightning.callbacks.upload.UploadCheckpoint",
 }
 
 #: Argument names of other frameworks: ``{class name: {their name: function(value) -> (our name, value)}}``.
 #: ``ExponentialMovingAverageCallback``: ``use_dynamic_decay: true`` (luxonis-train) is
 #: ``warmup: exponential`` (``decay * (1 - exp(-updates / decay_tau))``), ``false`` is
 #: ``warmup: none``. ``MetadataLogger``: ``hyperparams`` (luxonis-train) is ``keys``.
+#: ``UploadCheckpoint``: ``upload_directory`` (luxonis-train) is ``artifact_path``.
 ARGUMENT_ALIASES: dict[str, dict[str, Any]] = {
     "ExponentialMovingAverageCallback": {
         "use_dynamic_decay": lambda value: ("warmup", "exponential" if value else "none"),
     },
     "MetadataLogger": {"hyperparams": lambda value: ("keys", value)},
+    "UploadCheckpoint": {"upload_directory": lambda value: ("artifact_path", value)},
 }
 #: The keys that say how often a periodic callback runs (at most one per entry).
 PERIOD_KEYS = ("every_n_epochs", "every_n_updates", "every_n_samples")

@@ -9,6 +9,7 @@
 * :mod:`.inference`: evaluation over a named dataset outside Lightning's loops;
 * :mod:`.checkpoint_io`: where callbacks put checkpoints and how they write them;
 * :mod:`.run_metadata`: what a run was, as plain data;
+* :mod:`.trackers`: the MLflow and W&B loggers of a trainer, and files sent to them;
 * :mod:`.ema_store`, :mod:`.ema_math`, :mod:`.sam_math`: the EMA weights and the EMA and SAM arithmetic.
 
 Argument checks are :func:`matsciml.common.checks.check_int`; atomic writes

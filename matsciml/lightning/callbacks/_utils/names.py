@@ -18,6 +18,10 @@ __all__ = [
     "MEMORY_RSS",
     "MEMORY_RSS_PEAK",
     "MEMORY_CUDA_PEAK",
+    "EMISSIONS_EPOCH_KG",
+    "EMISSIONS_TOTAL_KG",
+    "ENERGY_EPOCH_KWH",
+    "ENERGY_TOTAL_KWH",
 ]
 
 # MonitorGradients, ManualGradientClip (gradients.py)
@@ -38,3 +42,9 @@ THROUGHPUT_ATOMS = THROUGHPUT_PREFIX + "atoms_per_s"
 MEMORY_RSS = "memory/rss_mb"
 MEMORY_RSS_PEAK = "memory/rss_peak_mb"
 MEMORY_CUDA_PEAK = "memory/cuda_peak_mb"
+
+# CodeCarbonCallback (emissions.py): kg CO2-equivalent and kWh, per training epoch and since fit start
+EMISSIONS_EPOCH_KG = "emissions/epoch_kg"
+EMISSIONS_TOTAL_KG = "emissions/total_kg"
+ENERGY_EPOCH_KWH = "energy/epoch_kWh"
+ENERGY_TOTAL_KWH = "energy/total_kWh"

@@ -1,10 +1,10 @@
 """How callbacks show things: scalars to every logger, images and histograms where supported.
 
 Scalars go through :meth:`lightning.pytorch.loggers.Logger.log_metrics`, so CSV,
-TensorBoard, W&B and any other Lightning logger receive them. Images and histograms go
-to loggers that can take them (TensorBoard's ``SummaryWriter``, W&B's ``log``); when
-none can, images are written as PNG files under ``<run folder>/figures`` and histograms
-as ``.npz`` files beside them. Messages go through :class:`RateLimitedWarner`.
+TensorBoard, W&B, MLflow and any other Lightning logger receive them. Images go to
+loggers that can take them (TensorBoard's ``SummaryWriter``, W&B's ``log``, MLflow's
+``log_image``), histograms to TensorBoard and W&B; when none can, images are written as
+PNG files under ``<run folder>/figures`` and histograms as ``.npz`` files beside them. Messages go through :class:`RateLimitedWarner`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from matsciml.lightning.callbacks._utils.trackers import mlflow_image_key
 from matsciml.lightning.checkpointing import atomic_path
 
 __all__ = [
@@ -88,9 +90,10 @@ def _figure_to_array(figure: Any) -> np.ndarray:
 def log_image(trainer: Any, name: str, figure: Any, step: int | None = None) -> list[Path]:
     """Log a matplotlib figure or an ``[H, W, 3]`` uint8 array.
 
-    Sent to TensorBoard (``add_image``) and W&B (``log``) loggers; when none of the
-    loggers takes images the image is saved as ``<run folder>/figures/<name>_step<step>.png``.
-    Returns the files written.
+    Sent to TensorBoard (``add_image``), W&B (``log``) and MLflow loggers (``log_image`` with
+    ``key=name`` and ``step``: the run's artifacts ``images/<name, / as ~>+step+<step>+...png``);
+    when none of the loggers takes images the image is saved as
+    ``<run folder>/figures/<name>_step<step>.png``. Returns the files written.
     """
     step = trainer.global_step if step is None else step
     image = _figure_to_array(figure) if hasattr(figure, "canvas") else np.asarray(figure)
@@ -104,6 +107,9 @@ def log_image(trainer: Any, name: str, figure: Any, step: int | None = None) -> 
             import wandb  # noqa: PLC0415 - only when a W&B logger is in use
 
             exp.log({name: wandb.Image(image)}, step=step)
+            sent = True
+        elif exp is not None and isinstance(logger, MLFlowLogger):
+            exp.log_image(logger.run_id, image, key=mlflow_image_key(name), step=step)
             sent = True
     if sent:
         return []
