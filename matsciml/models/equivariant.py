@@ -32,17 +32,8 @@ from torch import nn
 
 from matsciml.common import graph as G
 from matsciml.common.errors import ConfigError
+from matsciml.models import layers as L
 from matsciml.models.embeddings import Embeddings
-from matsciml.models.layers import (
-    AtomEmbedding,
-    BesselBasis,
-    PolynomialCutoff,
-    build_mlp,
-    check_readout,
-    get_activation,
-    readout,
-    scatter_sum,
-)
 
 __all__ = ["E3NNEncoder", "NequIPEncoder", "Interaction", "plan_irreps"]
 
@@ -143,7 +134,7 @@ class Interaction(nn.Module):
 
         scalars = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l == 0])
         gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l > 0])
-        act = get_activation(activation)
+        act = L.get_activation(activation)
         self.gate = Gate(
             scalars,
             [act if ir.p == 1 else torch.tanh for _, ir in scalars],
@@ -157,7 +148,7 @@ class Interaction(nn.Module):
         self.tp = o3.TensorProduct(
             irreps_in, irreps_sh, irreps_mid, instructions, shared_weights=False, internal_weights=False
         )
-        self.radial = build_mlp([num_radial_basis, radial_hidden, radial_hidden, self.tp.weight_numel], activation)
+        self.radial = L.build_mlp([num_radial_basis, radial_hidden, radial_hidden, self.tp.weight_numel], activation)
         self.linear_out = o3.Linear(irreps_mid.simplify(), self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_in)
         self.residual = bool(residual) and self.irreps_in == self.irreps_out
@@ -193,7 +184,7 @@ class Interaction(nn.Module):
         """
         i, j = edge_index[0], edge_index[1]
         messages = self.tp(self.linear_in(h)[j], sh, self.radial(radial))
-        aggregated = scatter_sum(messages, i, h.shape[0]) * norm
+        aggregated = L.scatter_sum(messages, i, h.shape[0]) * norm
         out = self.gate(self.linear_out(aggregated) + self.self_connection(h))
         return out + h if self.residual else out
 
@@ -308,24 +299,24 @@ class E3NNEncoder(nn.Module):
             ) from None
         if not any(ir == _SCALAR and mul > 0 for mul, ir in hidden):
             raise ConfigError(f"E3NNEncoder: hidden_irreps={hidden_irreps!r} needs scalar channels ('Nx0e')")
-        self.readout_mode = check_readout(readout)
-        get_activation(activation, "E3NNEncoder: activation")
+        self.readout_mode = L.check_readout(readout)
+        L.get_activation(activation, "E3NNEncoder: activation")
 
         self.cutoff = float(cutoff)
         self.embedding_dim: int = int(embedding_dim)
         self.irreps_sh = o3.Irreps.spherical_harmonics(int(max_ell))
         irreps_first, outs = plan_irreps(hidden, self.irreps_sh, int(num_layers))
 
-        self.atom_embedding = AtomEmbedding(num_elements, irreps_first.dim)
+        self.atom_embedding = L.AtomEmbedding(num_elements, irreps_first.dim)
         self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
-        self.radial_basis = BesselBasis(num_radial_basis, self.cutoff)
-        self.envelope = PolynomialCutoff(self.cutoff, envelope_exponent)
-        layers, irreps = [], irreps_first
+        self.radial_basis = L.BesselBasis(num_radial_basis, self.cutoff)
+        self.envelope = L.PolynomialCutoff(self.cutoff, envelope_exponent)
+        blocks, irreps = [], irreps_first
         for target in outs:
             layer = Interaction(irreps, target, self.irreps_sh, num_radial_basis, radial_hidden, activation, residual)
-            layers.append(layer)
+            blocks.append(layer)
             irreps = layer.irreps_out
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(blocks)
         self.output = nn.Linear(irreps.dim, self.embedding_dim)
         value = math.nan if avg_num_neighbors is None else float(avg_num_neighbors)
         self.register_buffer("avg_num_neighbors", torch.tensor(value, dtype=torch.float64))
@@ -360,7 +351,7 @@ class E3NNEncoder(nn.Module):
         for layer in self.layers:
             h = layer(h, sh, radial, ei, norm)
         point = self.output(h)
-        system = readout(point, G.graph_index(graph), G.num_graphs(graph), self.readout_mode)
+        system = L.readout(point, G.graph_index(graph), G.num_graphs(graph), self.readout_mode)
         return Embeddings(system_embedding=system, point_embedding=point)
 
 

@@ -17,14 +17,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError, closest
+from matsciml.lightning.callbacks._base import train_end as stages
 from matsciml.lightning.callbacks._base.isolation import CallbackError
-from matsciml.lightning.callbacks._base.train_end import (
-    SkipStage,
-    TrainEndCallback,
-    checkpoint_records,
-    choose_checkpoint,
-    find_checkpoints,
-)
 from matsciml.lightning.callbacks._utils.checkpoint_io import checkpoint_dir, save_local_checkpoint_atomic
 from matsciml.lightning.callbacks._utils.reporting import run_folder
 from matsciml.lightning.callbacks._utils.run_metadata import collect_metadata, find_config
@@ -214,13 +208,13 @@ class UploadCheckpoint(Callback):
     # ------------------------------------------------------------------ what is uploaded
     def _checkpoints(self, trainer: pl.Trainer) -> tuple[dict[str, Path], dict[str, Any]]:
         """(``{name: file}``, ``{name: choice record}``) of the checkpoints to upload."""
-        records = checkpoint_records(trainer)
-        found = find_checkpoints(records, self.loss_monitor)
+        records = stages.checkpoint_records(trainer)
+        found = stages.find_checkpoints(records, self.loss_monitor)
         files: dict[str, Path] = {}
         info: dict[str, Any] = {}
         try:
-            choice = choose_checkpoint(found, self.preferred_checkpoint, "UploadCheckpoint")
-        except SkipStage as skip:
+            choice = stages.choose_checkpoint(found, self.preferred_checkpoint, "UploadCheckpoint")
+        except stages.SkipStage as skip:
             rank_zero_warn(f"UploadCheckpoint: no checkpoint to upload: {skip}")
         else:
             files[BEST_NAME] = Path(choice.path)
@@ -238,7 +232,7 @@ class UploadCheckpoint(Callback):
     def _context(self, trainer: pl.Trainer) -> Any:
         """The train-end pipeline's context when the trainer ran one (``None`` otherwise)."""
         for callback in trainer.callbacks:
-            if isinstance(callback, TrainEndCallback) and callback.context is not None:
+            if isinstance(callback, stages.TrainEndCallback) and callback.context is not None:
                 return callback.context
         return None
 
