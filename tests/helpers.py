@@ -1,4 +1,4 @@
-"""Helpers shared by test modules: tiny model arguments and a quiet CPU trainer.
+"""Helpers shared by test modules: tiny model arguments, a quiet CPU trainer, a recording logger.
 
 Importable as ``helpers`` from any test module (``tests/conftest.py`` puts this folder on
 ``sys.path``) and from scripts under ``tests/`` that insert it themselves.
@@ -12,8 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.loggers import Logger
 
-__all__ = ["tiny_egnn_kwargs", "tiny_egnn_yaml", "make_trainer"]
+__all__ = ["tiny_egnn_kwargs", "tiny_egnn_yaml", "make_trainer", "RecordingLogger"]
 
 
 def tiny_egnn_kwargs(depth: int = 1, readout: str = "sum", cutoff: float | None = None, **overrides: Any) -> dict:
@@ -82,3 +83,29 @@ def make_trainer(root: Any, callbacks: Sequence[Callback] = (), **kwargs: Any) -
     )
     options.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+class RecordingLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call as ``(step, {name: float})`` in :attr:`records`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.records.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def values(self, name: str) -> dict[int, float]:
+        """``{step: value}`` of every record of ``name``."""
+        return {step: m[name] for step, m in self.records if name in m}
