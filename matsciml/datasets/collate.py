@@ -254,6 +254,7 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
     ``device`` is an accelerator (from pinned memory the copy then overlaps the
     computation); on the CPU and MPS copies block, as Lightning's own transfer does. Lightning
     moves PyG graphs (which are not tensors) with blocking copies, hence this function.
+    Tensors and graphs already on ``device`` are returned as they are (no copy, no call).
 
     Parameters
     ----------
@@ -266,12 +267,21 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
     device = torch.device(device)
     non_blocking = device.type not in ("cpu", "mps")
 
+    def there(graph: Data) -> bool:  # every tensor of the graph already on ``device`` (a CPU batch for a CPU run)
+        return all(
+            not isinstance(v, torch.Tensor) or v.device == device for store in graph.stores for v in store.values()
+        )
+
     def move(value: Any) -> Any:
-        if isinstance(value, (torch.Tensor, Data)):
-            return value.to(device, non_blocking=non_blocking)
+        if isinstance(value, torch.Tensor):
+            return value if value.device == device else value.to(device, non_blocking=non_blocking)
+        if isinstance(value, Data):
+            return value if there(value) else value.to(device, non_blocking=non_blocking)
         if isinstance(value, dict):
             return {k: move(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)) and not isinstance(value, str):
+            if all(type(v) is str for v in value):  # ids
+                return value
             moved = [move(v) for v in value]
             return type(value)(moved) if not hasattr(value, "_fields") else type(value)(*moved)
         if hasattr(value, "to") and hasattr(value, "num_nodes"):  # a DGL graph

@@ -303,6 +303,12 @@ def test_batch_to_device_keeps_values_and_types():
     moved = batch_to_device(batch, "cpu")
     _assert_same_batch(moved, batch)
     assert moved["batch_size"] == 2 and isinstance(moved["graph"], Batch)
+    # already on the device: the same objects, nothing copied
+    assert moved["graph"] is batch["graph"] and moved["natoms"] is batch["natoms"] and moved["ids"] is batch["ids"]
+    assert all(moved["targets"][k] is v for k, v in batch["targets"].items())
+    elsewhere = batch_to_device(batch, "meta")  # another device: every tensor moves, the graph's included
+    assert elsewhere["graph"].pos.device.type == "meta" and elsewhere["graph"].edge_index.device.type == "meta"
+    assert all(v.device.type == "meta" for v in elsewhere["targets"].values())
 
 
 def _build_in_child(cache_dir: str, start, queue) -> None:
