@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
 from torch.utils.data import get_worker_info
 from torch_geometric.data import Batch, Data
-from torch_geometric.utils import cumsum
 
 from matsciml.common.errors import DataError
 from matsciml.datasets import schema
@@ -59,11 +59,9 @@ def _plain_graphs(graphs: Sequence[Any]) -> list[str] | None:
         value = first._store._mapping[key]
         if type(value) is not torch.Tensor or value.is_sparse or value.device.type != "cpu":
             return None
+    names = first._store._mapping.keys()
     for graph in graphs[1:]:
-        if type(graph) is not Data:
-            return None
-        mapping = graph._store._mapping
-        if len(mapping) != len(keys) or any(k not in mapping for k in keys):
+        if type(graph) is not Data or graph._store._mapping.keys() != names:  # the same set of attributes
             return None
     return keys
 
@@ -84,8 +82,7 @@ def _empty_batch() -> Batch:
 def _offsets(sizes: tuple[int, ...], memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]) -> tuple:
     """``(sizes, [0, s0, s0 + s1, ...])`` as int64 tensors, computed once per distinct ``sizes``."""
     if sizes not in memo:
-        counts = torch.tensor(sizes, dtype=torch.long)
-        memo[sizes] = (counts, cumsum(counts))
+        memo[sizes] = (torch.tensor(sizes, dtype=torch.long), torch.tensor([0, *accumulate(sizes)], dtype=torch.long))
     return memo[sizes]
 
 
@@ -115,10 +112,10 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
     keys = _plain_graphs(graphs)
     if keys is None:
         return Batch.from_data_list(list(graphs))
-    first = graphs[0]
     shared = get_worker_info() is not None
     stores = [graph._store for graph in graphs]
-    num_nodes = tuple(int(store.num_nodes or 0) for store in stores)
+    given = "num_nodes" in keys  # else PyG infers the count from the node attributes
+    num_nodes = tuple(int((store._mapping["num_nodes"] if given else store.num_nodes) or 0) for store in stores)
     memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     node_counts, node_slices = _offsets(num_nodes, memo)
     out = _empty_batch()
@@ -133,14 +130,17 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
             out_store.num_nodes = sum(values)
             continue
         elem = values[0]
-        cat_dim = first.__cat_dim__(key, elem, stores[0])
-        if cat_dim is None or elem.dim() == 0:
+        # Data.__cat_dim__ and Data.__inc__ of a plain Data of dense tensors without "batch" keys:
+        # index attributes are concatenated along their last dimension and offset by the node counts
+        index = "index" in key or key == "face"
+        cat_dim = -1 if index else 0
+        if elem.dim() == 0:
             values = [value.unsqueeze(0) for value in values]
             cat_dim = 0
-        counts, slices = _offsets(tuple(int(value.shape[cat_dim]) for value in values), memo)
+        counts, slices = _offsets(tuple(value.shape[cat_dim] for value in values), memo)
         slice_dict[key] = slices
         value = _cat(values, cat_dim, shared)
-        if first.__inc__(key, elem, stores[0]) != 0 or "index" in key or key == "face":
+        if index:
             inc_dict[key] = node_slices[:-1]
             shape = [1] * value.dim()
             shape[cat_dim] = -1
@@ -227,16 +227,18 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             continue
         if key == "stress" and all(v.numel() == 9 for v in values):
             values = [v.reshape(3, 3) for v in values]
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
+        try:
+            targets[key] = torch.stack(values, dim=0)
+        except RuntimeError:
+            if len({tuple(v.shape) for v in values}) == 1:
+                raise
             shown = ", ".join(
                 f"{s.get(schema.ID, k)}: {list(v.shape)}" for k, (s, v) in enumerate(zip(samples, values))
             )
             raise DataError(
                 f"target {key!r} has different shapes across the batch ({shown}); a per-structure target must "
                 "have one shape. Fix the records, or add the key to PER_ATOM_TARGETS if it is per atom."
-            )
-        targets[key] = torch.stack(values, dim=0)
+            ) from None
 
     return {
         schema.GRAPH: graph,

@@ -88,6 +88,27 @@ def test_collate_graphs_equals_pyg_batch():
         assert int(block.min()) >= int(got.ptr[k]) and int(block.max()) < int(got.ptr[k + 1])
 
 
+def test_collate_graphs_equals_pyg_batch_without_num_nodes_and_with_faces():
+    """Graphs whose node count PyG infers (no num_nodes attribute), with face indices and scalar attributes."""
+    from torch_geometric.data import Data
+
+    g = torch.Generator().manual_seed(2)
+    graphs = []
+    for n in (4, 2, 5):
+        graphs.append(
+            Data(
+                x=torch.randn(n, 3, generator=g),
+                edge_index=torch.randint(0, n, (2, 2 * n), generator=g),
+                face=torch.randint(0, n, (3, n), generator=g),
+                y=torch.tensor(float(n)),
+            )
+        )
+    got, want = collate_graphs(graphs), Batch.from_data_list(graphs)
+    empty = {"targets": {}, "natoms": torch.zeros(1), "ids": []}
+    _assert_same_batch({"graph": got, **empty}, {"graph": want, **empty})
+    assert got.num_nodes == want.num_nodes == 11
+
+
 # ------------------------------------------------------------------ bitwise equality
 
 

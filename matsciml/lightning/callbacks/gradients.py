@@ -282,13 +282,16 @@ class MonitorGradients(Callback):
       ``grad_norm/output_heads.energy``, ...); parameters owned by the root module are
       grouped as ``<root>``. Modules whose parameters have no gradient are not logged.
 
-    It works on any ``LightningModule`` (names come from ``named_parameters``). When every
+    It works on any ``LightningModule`` (names come from ``named_parameters``, listed at the
+    start of each training epoch: a parameter created in the middle of an epoch is seen
+    from the next one). When every
     per-parameter gradient norm equals that of the previous logged step (relative
     difference below ``eps``), it warns: the model received the same gradient twice,
     which happens when the batches do not change or the loss ignores the inputs.
 
-    Hooks it acts in: ``on_before_optimizer_step``. Put it before
-    :class:`GradientCheckCallback` (which removes the gradients of a skipped step).
+    Hooks it acts in: ``on_train_epoch_start`` (lists the named parameters),
+    ``on_before_optimizer_step``. Put it before :class:`GradientCheckCallback` (which
+    removes the gradients of a skipped step).
 
     Example::
 
@@ -349,10 +352,15 @@ class MonitorGradients(Callback):
         self.last: dict[str, float] = {}
         self._previous: tuple[int, list[str], list[float]] | None = None
         self._layout: tuple[tuple, list[str], Tensor] | None = None  # parameter names -> groups
+        self._named: list[tuple[str, nn.Parameter]] | None = None  # named_parameters, listed once an epoch
         self._warner = RateLimitedWarner(min_interval_steps=100, max_per_key=5)
 
     def _period(self, trainer: pl.Trainer) -> int:
         return log_every_n_steps(trainer, self.every_n_steps)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._named = list(pl_module.named_parameters())  # a module walk: not at every logged step
 
     @override
     def on_before_optimizer_step(
@@ -361,7 +369,9 @@ class MonitorGradients(Callback):
         step = trainer.global_step
         if step % self._period(trainer):
             return
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if self._named is None:
+            self._named = list(pl_module.named_parameters())
+        named = [(n, p.grad) for n, p in self._named if p.grad is not None]
         if not named:
             return
         names = [n for n, _ in named]

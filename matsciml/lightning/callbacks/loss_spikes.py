@@ -194,8 +194,10 @@ class LossSpikeDetection(Callback):
         pending, self._pending = self._pending, []
         if not pending:
             return
-        device = pending[0][0].device
-        values = torch.stack([p[0].reshape(()).to(device) for p in pending]).tolist()  # one sync
+        losses = [p[0] for p in pending]
+        if any(loss.dim() or loss.device != losses[0].device for loss in losses):
+            losses = [loss.reshape(()).to(losses[0].device) for loss in losses]
+        values = torch.stack(losses).tolist()  # one sync
         finite = [(value, record) for value, record in zip(values, pending) if math.isfinite(value)]
         start = len(self._history)
         series = [*self._history, *(value for value, _ in finite)]

@@ -45,6 +45,18 @@ class EvaluationStepsMixin:
             return
         super().__setattr__(name, value)
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping (``Trainer(gradient_clip_val=...)``); without it, return at once.
+
+        Lightning calls this hook before every optimizer step; its default checks and
+        converts the (absent) settings before finding nothing to do.
+        """
+        if not gradient_clip_val and not getattr(self._trainer, "gradient_clip_val", None):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """``compute_losses``, then update the ``val_*`` metrics (logged per epoch)."""
         self._log_metrics("val", self.compute_losses(batch), batch, batch_idx, dataloader_idx)
