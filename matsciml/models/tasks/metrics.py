@@ -297,20 +297,30 @@ class TaskMetrics(nn.Module):
         """Compute the value of the last batch alone for the metrics ``names``.
 
         The value is computed functionally (the metric's state is not touched) and kept as
-        the metric's ``_forward_cache``, the per-step value ``LightningModule.log`` reads.
+        the metric's ``_forward_cache``, the per-step value ``LightningModule.log`` reads;
+        on an accelerator the values are copied to the host together (Lightning reads the
+        progress-bar value with ``.item()`` at every step, a synchronisation on a device).
 
         Returns
         -------
         dict
             ``{name: metric}`` of the metrics that have a value (some finite target).
         """
-        out: dict[str, Metric] = {}
+        values: dict[str, torch.Tensor] = {}
         for name in names:
-            metric = self._metrics[name]
-            value = _batch_value(metric, *self._last[name])
+            value = _batch_value(self._metrics[name], *self._last[name])
             if value is not None:
-                metric._forward_cache = value
-                out[name] = metric
+                values[name] = value
+        if values and next(iter(values.values())).device.type != "cpu":
+            # one copy to the host now, instead of the synchronisation Lightning's progress bar
+            # metrics (``.item()`` of every logged value) would cost at every later step
+            host = torch.stack([v.to(torch.float64) for v in values.values()]).cpu()
+            values = dict(zip(values, host.unbind()))
+        out: dict[str, Metric] = {}
+        for name, value in values.items():
+            metric = self._metrics[name]
+            metric._forward_cache = value
+            out[name] = metric
         return out
 
     def reset(self, split: str) -> None:

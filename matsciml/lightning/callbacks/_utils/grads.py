@@ -151,7 +151,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     if not tensors:
         return torch.zeros(())
     if _same_device_and_dtype(tensors):
-        if tensors[0].device.type == "cpu" and sum(t.numel() for t in tensors) <= CONCAT_LIMIT:
+        if tensors[0].device.type == "cpu" and sum([t.numel() for t in tensors]) <= CONCAT_LIMIT:
             return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors]), norm_type)
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)), norm_type)
     return nn.utils.get_total_norm(tensors, norm_type, foreach=True)
