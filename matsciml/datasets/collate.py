@@ -35,14 +35,18 @@ def is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int])
     return all(v.dim() >= 1 and v.shape[0] == n for v, n in zip(values, natoms))
 
 
-def _cat(values: list[torch.Tensor], dim: int, shared: bool) -> torch.Tensor:
-    """``torch.cat`` into one preallocated tensor (in shared memory inside a loader worker)."""
+def _cat(values: list[torch.Tensor], dim: int, shared: bool, stack: bool = False) -> torch.Tensor:
+    """``torch.cat`` (``torch.stack`` of 0-d values) into one tensor (in shared memory inside a loader worker)."""
+    join = torch.stack if stack else torch.cat
     if not shared:
-        return torch.cat(values, dim=dim)
+        return join(values, dim=dim)
     shape = list(values[0].shape)
-    shape[dim] = sum(int(v.shape[dim]) for v in values)
+    if stack:
+        shape.insert(dim, len(values))
+    else:
+        shape[dim] = sum(int(v.shape[dim]) for v in values)
     out = torch.empty(shape, dtype=values[0].dtype).share_memory_()
-    return torch.cat(values, dim=dim, out=out)
+    return join(values, dim=dim, out=out)
 
 
 def _plain_graphs(graphs: Sequence[Any]) -> list[str] | None:
@@ -133,13 +137,12 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
         # Data.__cat_dim__ and Data.__inc__ of a plain Data of dense tensors without "batch" keys:
         # index attributes are concatenated along their last dimension and offset by the node counts
         index = "index" in key or key == "face"
-        cat_dim = -1 if index else 0
-        if elem.dim() == 0:
-            values = [value.unsqueeze(0) for value in values]
-            cat_dim = 0
-        counts, slices = _offsets(tuple(value.shape[cat_dim] for value in values), memo)
+        scalar = elem.dim() == 0  # concatenated as if unsqueezed: stacked
+        cat_dim = 0 if scalar else (-1 if index else 0)
+        sizes = (1,) * len(values) if scalar else tuple(value.shape[cat_dim] for value in values)
+        counts, slices = _offsets(sizes, memo)
         slice_dict[key] = slices
-        value = _cat(values, cat_dim, shared)
+        value = _cat(values, cat_dim, shared, stack=scalar)
         if index:
             inc_dict[key] = node_slices[:-1]
             shape = [1] * value.dim()
