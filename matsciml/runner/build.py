@@ -36,6 +36,8 @@ __all__ = [
 
 #: Trainer arguments given by the runner itself, not by a section of the trainer config.
 _RUNNER_TRAINER_ARGS = ("callbacks", "logger")
+#: Steps between two redraws of the terminal progress bar the runner adds.
+BAR_REFRESH_STEPS = 10
 #: Trainer arguments the runner adds, left out of the message when Lightning refuses the arguments.
 _NOT_SHOWN = ("default_root_dir", "plugins")
 #: Keys of a run-type section of a dataset config that the runner consumes itself.
@@ -168,12 +170,14 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
     * :class:`~matsciml.lightning.callbacks.StopTrainingCheckpoint` (a checkpoint when a
       hook or the task raises :class:`~matsciml.lightning.callbacks.StopTrainingError`);
     * :class:`~matsciml.lightning.progress.LogProgressBar` when standard output is not a
-      terminal (batch logs), unless the config turns the progress bar off or lists a
+      terminal (batch logs), else Lightning's ``TQDMProgressBar`` redrawn every
+      :data:`BAR_REFRESH_STEPS` steps (Lightning's default redraws it, with the logged
+      values, at every step), unless the config turns the progress bar off or lists a
       progress bar.
     """
     import sys
 
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
     from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint
     from matsciml.lightning.hpc import PreemptionCheckpoint
@@ -190,8 +194,8 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
     if stdout_is_terminal is None:
         stdout_is_terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
     wants_bar = trainer_kwargs.get("enable_progress_bar", True) is not False
-    if wants_bar and not stdout_is_terminal and not any(isinstance(cb, ProgressBar) for cb in out):
-        out.append(LogProgressBar())
+    if wants_bar and not any(isinstance(cb, ProgressBar) for cb in out):
+        out.append(TQDMProgressBar(refresh_rate=BAR_REFRESH_STEPS) if stdout_is_terminal else LogProgressBar())
     return out
 
 
