@@ -20,12 +20,6 @@ __all__ = ["collate_samples", "collate_graphs", "batch_to_device", "is_per_atom"
 STACKED_TARGETS = ("stress", "virial", "dipole", "dipole_moment")
 
 
-def _natoms(sample: dict[str, Any]) -> int:
-    if schema.NATOMS in sample:
-        return int(sample[schema.NATOMS])
-    return int(sample[schema.GRAPH].num_nodes)
-
-
 def is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int]) -> bool:
     """Whether ``values`` (one per structure) of ``key`` are per atom (see :func:`collate_samples`)."""
     if key in schema.PER_ATOM_TARGETS:
@@ -119,7 +113,7 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
     shared = get_worker_info() is not None
     stores = [graph._store for graph in graphs]
     given = "num_nodes" in keys  # else PyG infers the count from the node attributes
-    num_nodes = tuple(int((store._mapping["num_nodes"] if given else store.num_nodes) or 0) for store in stores)
+    num_nodes = tuple([int((store._mapping["num_nodes"] if given else store.num_nodes) or 0) for store in stores])
     memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     node_counts, node_slices = _offsets(num_nodes, memo)
     out = _empty_batch()
@@ -139,7 +133,7 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
         index = "index" in key or key == "face"
         scalar = elem.dim() == 0  # concatenated as if unsqueezed: stacked
         cat_dim = 0 if scalar else (-1 if index else 0)
-        sizes = (1,) * len(values) if scalar else tuple(value.shape[cat_dim] for value in values)
+        sizes = (1,) * len(values) if scalar else tuple([value.shape[cat_dim] for value in values])
         counts, slices = _offsets(sizes, memo)
         slice_dict[key] = slices
         value = _cat(values, cat_dim, shared, stack=scalar)
@@ -212,11 +206,12 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "(after PeriodicPropertiesTransform for periodic structures)."
             )
     graph = collate_graphs([sample[schema.GRAPH] for sample in samples])
-    natoms = [_natoms(sample) for sample in samples]
+    natoms = [int(s[schema.NATOMS]) if schema.NATOMS in s else int(s[schema.GRAPH].num_nodes) for s in samples]
 
     targets: dict[str, torch.Tensor] = {}
     per_sample = [sample.get(schema.TARGETS) or {} for sample in samples]
-    common = [key for key in per_sample[0] if all(key in t for t in per_sample[1:])]
+    everywhere = set(per_sample[0]).intersection(*per_sample[1:])
+    common = [key for key in per_sample[0] if key in everywhere]
     for key in common:
         values = [t[key] if type(t[key]) is torch.Tensor else torch.as_tensor(t[key]) for t in per_sample]
         if is_per_atom(key, values, natoms):
@@ -285,7 +280,7 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
         if isinstance(value, dict):
             return {k: move(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)) and not isinstance(value, str):
-            if all(type(v) is str for v in value):  # ids
+            if value and set(map(type, value)) == {str}:  # ids
                 return value
             moved = [move(v) for v in value]
             return type(value)(moved) if not hasattr(value, "_fields") else type(value)(*moved)
