@@ -1,4 +1,4 @@
-"""Helpers shared by test modules: tiny model arguments, a tiny encoder, quiet CPU trainers (one process or two), a list dataset.
+"""Helpers shared by test modules: tiny model arguments, a tiny encoder, quiet CPU trainers (one process or two), a list dataset, a recording logger.
 
 Importable as ``helpers`` from any test module (``tests/conftest.py`` puts this folder on
 ``sys.path``) and from scripts under ``tests/`` that insert it themselves.
@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -33,6 +34,7 @@ __all__ = [
     "TinyEncoder",
     "write_dedented",
     "cli_error",
+    "RecordingLogger",
 ]
 
 
@@ -200,3 +202,29 @@ class TinyEncoder(nn.Module):
         count = torch.bincount(index, minlength=num_graphs(graph)).clamp(min=1).to(points.dtype)
         system = points.new_zeros(num_graphs(graph), points.shape[-1]).index_add(0, index, points) / count[:, None]
         return Embeddings(system_embedding=system, point_embedding=points)
+
+
+class RecordingLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call as ``(step, {name: float})`` in :attr:`records`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.records.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def values(self, name: str) -> dict[int, float]:
+        """``{step: value}`` of every record of ``name``."""
+        return {step: m[name] for step, m in self.records if name in m}

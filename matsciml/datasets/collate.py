@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
 from torch.utils.data import get_worker_info
 from torch_geometric.data import Batch, Data
-from torch_geometric.utils import cumsum
 
 from matsciml.common.errors import DataError
 from matsciml.datasets import schema
@@ -20,12 +20,6 @@ __all__ = ["collate_samples", "collate_graphs", "batch_to_device", "is_per_atom"
 STACKED_TARGETS = ("stress", "virial", "dipole", "dipole_moment")
 
 
-def _natoms(sample: dict[str, Any]) -> int:
-    if schema.NATOMS in sample:
-        return int(sample[schema.NATOMS])
-    return int(sample[schema.GRAPH].num_nodes)
-
-
 def is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int]) -> bool:
     """Whether ``values`` (one per structure) of ``key`` are per atom (see :func:`collate_samples`)."""
     if key in schema.PER_ATOM_TARGETS:
@@ -35,14 +29,18 @@ def is_per_atom(key: str, values: Sequence[torch.Tensor], natoms: Sequence[int])
     return all(v.dim() >= 1 and v.shape[0] == n for v, n in zip(values, natoms))
 
 
-def _cat(values: list[torch.Tensor], dim: int, shared: bool) -> torch.Tensor:
-    """``torch.cat`` into one preallocated tensor (in shared memory inside a loader worker)."""
+def _cat(values: list[torch.Tensor], dim: int, shared: bool, stack: bool = False) -> torch.Tensor:
+    """``torch.cat`` (``torch.stack`` of 0-d values) into one tensor (in shared memory inside a loader worker)."""
+    join = torch.stack if stack else torch.cat
     if not shared:
-        return torch.cat(values, dim=dim)
+        return join(values, dim=dim)
     shape = list(values[0].shape)
-    shape[dim] = sum(int(v.shape[dim]) for v in values)
+    if stack:
+        shape.insert(dim, len(values))
+    else:
+        shape[dim] = sum(int(v.shape[dim]) for v in values)
     out = torch.empty(shape, dtype=values[0].dtype).share_memory_()
-    return torch.cat(values, dim=dim, out=out)
+    return join(values, dim=dim, out=out)
 
 
 def _plain_graphs(graphs: Sequence[Any]) -> list[str] | None:
@@ -59,11 +57,9 @@ def _plain_graphs(graphs: Sequence[Any]) -> list[str] | None:
         value = first._store._mapping[key]
         if type(value) is not torch.Tensor or value.is_sparse or value.device.type != "cpu":
             return None
+    names = first._store._mapping.keys()
     for graph in graphs[1:]:
-        if type(graph) is not Data:
-            return None
-        mapping = graph._store._mapping
-        if len(mapping) != len(keys) or any(k not in mapping for k in keys):
+        if type(graph) is not Data or graph._store._mapping.keys() != names:  # the same set of attributes
             return None
     return keys
 
@@ -84,8 +80,7 @@ def _empty_batch() -> Batch:
 def _offsets(sizes: tuple[int, ...], memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]) -> tuple:
     """``(sizes, [0, s0, s0 + s1, ...])`` as int64 tensors, computed once per distinct ``sizes``."""
     if sizes not in memo:
-        counts = torch.tensor(sizes, dtype=torch.long)
-        memo[sizes] = (counts, cumsum(counts))
+        memo[sizes] = (torch.tensor(sizes, dtype=torch.long), torch.tensor([0, *accumulate(sizes)], dtype=torch.long))
     return memo[sizes]
 
 
@@ -115,10 +110,10 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
     keys = _plain_graphs(graphs)
     if keys is None:
         return Batch.from_data_list(list(graphs))
-    first = graphs[0]
     shared = get_worker_info() is not None
     stores = [graph._store for graph in graphs]
-    num_nodes = tuple(int(store.num_nodes or 0) for store in stores)
+    given = "num_nodes" in keys  # else PyG infers the count from the node attributes
+    num_nodes = tuple([int((store._mapping["num_nodes"] if given else store.num_nodes) or 0) for store in stores])
     memo: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     node_counts, node_slices = _offsets(num_nodes, memo)
     out = _empty_batch()
@@ -133,14 +128,16 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
             out_store.num_nodes = sum(values)
             continue
         elem = values[0]
-        cat_dim = first.__cat_dim__(key, elem, stores[0])
-        if cat_dim is None or elem.dim() == 0:
-            values = [value.unsqueeze(0) for value in values]
-            cat_dim = 0
-        counts, slices = _offsets(tuple(int(value.shape[cat_dim]) for value in values), memo)
+        # Data.__cat_dim__ and Data.__inc__ of a plain Data of dense tensors without "batch" keys:
+        # index attributes are concatenated along their last dimension and offset by the node counts
+        index = "index" in key or key == "face"
+        scalar = elem.dim() == 0  # concatenated as if unsqueezed: stacked
+        cat_dim = 0 if scalar else (-1 if index else 0)
+        sizes = (1,) * len(values) if scalar else tuple([value.shape[cat_dim] for value in values])
+        counts, slices = _offsets(sizes, memo)
         slice_dict[key] = slices
-        value = _cat(values, cat_dim, shared)
-        if first.__inc__(key, elem, stores[0]) != 0 or "index" in key or key == "face":
+        value = _cat(values, cat_dim, shared, stack=scalar)
+        if index:
             inc_dict[key] = node_slices[:-1]
             shape = [1] * value.dim()
             shape[cat_dim] = -1
@@ -209,11 +206,12 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "(after PeriodicPropertiesTransform for periodic structures)."
             )
     graph = collate_graphs([sample[schema.GRAPH] for sample in samples])
-    natoms = [_natoms(sample) for sample in samples]
+    natoms = [int(s[schema.NATOMS]) if schema.NATOMS in s else int(s[schema.GRAPH].num_nodes) for s in samples]
 
     targets: dict[str, torch.Tensor] = {}
     per_sample = [sample.get(schema.TARGETS) or {} for sample in samples]
-    common = [key for key in per_sample[0] if all(key in t for t in per_sample[1:])]
+    everywhere = set(per_sample[0]).intersection(*per_sample[1:])
+    common = [key for key in per_sample[0] if key in everywhere]
     for key in common:
         values = [t[key] if type(t[key]) is torch.Tensor else torch.as_tensor(t[key]) for t in per_sample]
         if is_per_atom(key, values, natoms):
@@ -227,16 +225,18 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             continue
         if key == "stress" and all(v.numel() == 9 for v in values):
             values = [v.reshape(3, 3) for v in values]
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
+        try:
+            targets[key] = torch.stack(values, dim=0)
+        except RuntimeError:
+            if len({tuple(v.shape) for v in values}) == 1:
+                raise
             shown = ", ".join(
                 f"{s.get(schema.ID, k)}: {list(v.shape)}" for k, (s, v) in enumerate(zip(samples, values))
             )
             raise DataError(
                 f"target {key!r} has different shapes across the batch ({shown}); a per-structure target must "
                 "have one shape. Fix the records, or add the key to PER_ATOM_TARGETS if it is per atom."
-            )
-        targets[key] = torch.stack(values, dim=0)
+            ) from None
 
     return {
         schema.GRAPH: graph,
@@ -254,6 +254,7 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
     ``device`` is an accelerator (from pinned memory the copy then overlaps the
     computation); on the CPU and MPS copies block, as Lightning's own transfer does. Lightning
     moves PyG graphs (which are not tensors) with blocking copies, hence this function.
+    Tensors and graphs already on ``device`` are returned as they are (no copy, no call).
 
     Parameters
     ----------
@@ -266,12 +267,21 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
     device = torch.device(device)
     non_blocking = device.type not in ("cpu", "mps")
 
+    def there(graph: Data) -> bool:  # every tensor of the graph already on ``device`` (a CPU batch for a CPU run)
+        return all(
+            not isinstance(v, torch.Tensor) or v.device == device for store in graph.stores for v in store.values()
+        )
+
     def move(value: Any) -> Any:
-        if isinstance(value, (torch.Tensor, Data)):
-            return value.to(device, non_blocking=non_blocking)
+        if isinstance(value, torch.Tensor):
+            return value if value.device == device else value.to(device, non_blocking=non_blocking)
+        if isinstance(value, Data):
+            return value if there(value) else value.to(device, non_blocking=non_blocking)
         if isinstance(value, dict):
             return {k: move(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)) and not isinstance(value, str):
+            if value and set(map(type, value)) == {str}:  # ids
+                return value
             moved = [move(v) for v in value]
             return type(value)(moved) if not hasattr(value, "_fields") else type(value)(*moved)
         if hasattr(value, "to") and hasattr(value, "num_nodes"):  # a DGL graph

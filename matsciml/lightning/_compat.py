@@ -22,6 +22,8 @@ __all__ = [
     "silenced_logging",
     "preserved_trainer_state",
     "detach_from_trainer",
+    "logs_at_this_step",
+    "refresh_logged_metric",
 ]
 
 
@@ -118,3 +120,43 @@ def detach_from_trainer(module: nn.Module) -> None:
     """
     if hasattr(type(module), "_jit_is_scripting"):
         module._jit_is_scripting = True
+
+
+def logs_at_this_step(trainer: Any) -> bool:
+    """Whether the values logged in the current training step reach the loggers.
+
+    ``True`` on the steps of the trainer's ``log_every_n_steps`` cadence (and when the
+    trainer is about to stop), ``False`` on the others; ``True`` without a trainer.
+
+    Internal: ``Trainer._logger_connector.should_update_logs``, Lightning 2.0 to 2.6.
+    """
+    if trainer is None:
+        return True
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def refresh_logged_metric(module: Any, name: str, metric: Any) -> bool:
+    """Hand the new per-step value of a ``torchmetrics`` metric to Lightning, as a repeated ``module.log`` would.
+
+    When ``metric`` was already logged under ``name`` from the current hook in this epoch
+    (``module.log(name, metric, on_step=True, ...)``), a second ``log`` with the same
+    arguments only copies ``metric._forward_cache`` (the value of the last batch) into
+    Lightning's record of it -- but it costs about a millisecond on a CPU (argument
+    checks, signature inspection, moving the record to the metric's device). This does
+    the copy alone. Returns ``False``, changing nothing, when there is no such record
+    (the first ``log`` of the epoch, another hook, a plain tensor value): then call ``log``.
+
+    Internal: ``Trainer._results`` (the active loop's ``_ResultCollection``, keyed
+    ``"<hook>.<name>"``), ``_ResultMetric.value`` / ``is_tensor`` / ``has_reset`` / ``meta``
+    / ``_forward_cache``, and ``_ResultMetric.update`` for a ``Metric`` value, Lightning 2.0 to 2.6.
+    """
+    trainer = getattr(module, "_trainer", None)
+    hook = getattr(module, "_current_fx_name", None)
+    results = trainer._results if trainer is not None else None
+    if results is None or hook is None or results.dataloader_idx is not None:
+        return False
+    record = results.get(f"{hook}.{name}")
+    if record is None or record.is_tensor or record.value is not metric or record.has_reset or not record.meta.on_step:
+        return False
+    record._forward_cache = metric._forward_cache
+    return True

@@ -36,6 +36,10 @@ __all__ = [
 
 #: Trainer arguments given by the runner itself, not by a section of the trainer config.
 _RUNNER_TRAINER_ARGS = ("callbacks", "logger")
+#: Steps between two redraws of the terminal progress bar the runner adds.
+BAR_REFRESH_STEPS = 10
+#: Trainer arguments the runner adds, left out of the message when Lightning refuses the arguments.
+_NOT_SHOWN = ("default_root_dir", "plugins")
 #: Keys of a run-type section of a dataset config that the runner consumes itself.
 _TASK_KEYS_IN_DATA_SECTION = ("normalize_kwargs", "task_loss_scaling")
 
@@ -166,12 +170,14 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
     * :class:`~matsciml.lightning.callbacks.StopTrainingCheckpoint` (a checkpoint when a
       hook or the task raises :class:`~matsciml.lightning.callbacks.StopTrainingError`);
     * :class:`~matsciml.lightning.progress.LogProgressBar` when standard output is not a
-      terminal (batch logs), unless the config turns the progress bar off or lists a
+      terminal (batch logs), else Lightning's ``TQDMProgressBar`` redrawn every
+      :data:`BAR_REFRESH_STEPS` steps (Lightning's default redraws it, with the logged
+      values, at every step), unless the config turns the progress bar off or lists a
       progress bar.
     """
     import sys
 
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
     from matsciml.lightning.callbacks.stop_training import StopTrainingCheckpoint
     from matsciml.lightning.hpc import PreemptionCheckpoint
@@ -188,8 +194,8 @@ def runtime_callbacks(callbacks: list, trainer_kwargs: dict[str, Any], stdout_is
     if stdout_is_terminal is None:
         stdout_is_terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
     wants_bar = trainer_kwargs.get("enable_progress_bar", True) is not False
-    if wants_bar and not stdout_is_terminal and not any(isinstance(cb, ProgressBar) for cb in out):
-        out.append(LogProgressBar())
+    if wants_bar and not any(isinstance(cb, ProgressBar) for cb in out):
+        out.append(TQDMProgressBar(refresh_rate=BAR_REFRESH_STEPS) if stdout_is_terminal else LogProgressBar())
     return out
 
 
@@ -275,7 +281,8 @@ def build_trainer(
 
     Inside an ``srun`` step, ``devices`` and ``num_nodes`` left unset (or ``auto``) come
     from the allocation (:func:`~matsciml.lightning.hpc.slurm_trainer_arguments`);
-    ``plugins`` get :func:`runtime_plugins`.
+    ``plugins`` get :func:`runtime_plugins`; without a ``profiler`` (and without
+    ``barebones``) the trainer gets :class:`~matsciml.lightning.profilers.NullProfiler`.
 
     Parameters
     ----------
@@ -301,6 +308,7 @@ def build_trainer(
     from lightning.pytorch import Trainer
 
     from matsciml.lightning.hpc import is_srun_launched, slurm_trainer_arguments
+    from matsciml.lightning.profilers import NullProfiler
 
     check_trainer_config(file)
     kwargs = merge_sections(file, run_type)
@@ -309,6 +317,8 @@ def build_trainer(
     if is_srun_launched():
         kwargs = slurm_trainer_arguments(kwargs)
     kwargs["plugins"] = runtime_plugins(kwargs)
+    if kwargs.get("profiler") is None and not kwargs.get("barebones"):
+        kwargs["profiler"] = NullProfiler()  # Lightning's default pass-through profiler costs per hook call
     if callbacks is None:
         callbacks = runtime_callbacks(build_callbacks(file, run_dir), kwargs)
     loggers = build_loggers(file, run_dir) if loggers is None else loggers
@@ -317,7 +327,8 @@ def build_trainer(
     except Exception as err:  # noqa: BLE001 - Lightning's own refusal, as one line with its origin
         raise ConfigError(
             f"{file.where(f'generic + {run_type}')}: lightning.pytorch.Trainer refused the arguments "
-            f"{ {k: v for k, v in kwargs.items() if k not in ('default_root_dir', 'plugins')} }: {_one_line(err)}"
+            f"{ {k: v for k, v in kwargs.items() if k not in _NOT_SHOWN and not isinstance(v, NullProfiler)} }: "
+            f"{_one_line(err)}"
         ) from None
 
 

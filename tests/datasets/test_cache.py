@@ -88,6 +88,27 @@ def test_collate_graphs_equals_pyg_batch():
         assert int(block.min()) >= int(got.ptr[k]) and int(block.max()) < int(got.ptr[k + 1])
 
 
+def test_collate_graphs_equals_pyg_batch_without_num_nodes_and_with_faces():
+    """Graphs whose node count PyG infers (no num_nodes attribute), with face indices and scalar attributes."""
+    from torch_geometric.data import Data
+
+    g = torch.Generator().manual_seed(2)
+    graphs = []
+    for n in (4, 2, 5):
+        graphs.append(
+            Data(
+                x=torch.randn(n, 3, generator=g),
+                edge_index=torch.randint(0, n, (2, 2 * n), generator=g),
+                face=torch.randint(0, n, (3, n), generator=g),
+                y=torch.tensor(float(n)),
+            )
+        )
+    got, want = collate_graphs(graphs), Batch.from_data_list(graphs)
+    empty = {"targets": {}, "natoms": torch.zeros(1), "ids": []}
+    _assert_same_batch({"graph": got, **empty}, {"graph": want, **empty})
+    assert got.num_nodes == want.num_nodes == 11
+
+
 # ------------------------------------------------------------------ bitwise equality
 
 
@@ -303,6 +324,12 @@ def test_batch_to_device_keeps_values_and_types():
     moved = batch_to_device(batch, "cpu")
     _assert_same_batch(moved, batch)
     assert moved["batch_size"] == 2 and isinstance(moved["graph"], Batch)
+    # already on the device: the same objects, nothing copied
+    assert moved["graph"] is batch["graph"] and moved["natoms"] is batch["natoms"] and moved["ids"] is batch["ids"]
+    assert all(moved["targets"][k] is v for k, v in batch["targets"].items())
+    elsewhere = batch_to_device(batch, "meta")  # another device: every tensor moves, the graph's included
+    assert elsewhere["graph"].pos.device.type == "meta" and elsewhere["graph"].edge_index.device.type == "meta"
+    assert all(v.device.type == "meta" for v in elsewhere["targets"].values())
 
 
 def _build_in_child(cache_dir: str, start, queue) -> None:

@@ -137,3 +137,62 @@ def test_detach_from_trainer_lets_a_copy_answer_trainer():
         _ = module.trainer
     _compat.detach_from_trainer(module)
     assert module.trainer is None
+
+
+def test_logs_at_this_step_follows_log_every_n_steps(tmp_path):
+    """True exactly on the steps whose logged values reach the loggers: (step + 1) % log_every_n_steps == 0."""
+    seen: list[tuple[int, bool]] = []
+
+    class Recorder(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, _compat.logs_at_this_step(trainer)))
+
+    loader = DataLoader(TensorDataset(torch.randn(12, 2), torch.randn(12, 1)), batch_size=2)
+    trainer = _trainer(tmp_path, log_every_n_steps=3, callbacks=[Recorder()])
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(Tiny(), loader)
+    assert seen == [(s, (s + 1) % 3 == 0) for s in range(6)]
+    assert _compat.logs_at_this_step(None) is True
+
+
+def test_refresh_logged_metric_hands_over_the_new_step_value(tmp_path):
+    """After the first ``log`` of an epoch, a refresh gives Lightning the batch's value exactly as ``log`` would."""
+    from torchmetrics import MeanMetric
+
+    class Logs(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mean = MeanMetric()
+            self.refreshed: list[bool] = []
+
+        def log(self, *args, **kwargs):  # the real log (Tiny records names instead)
+            return pl.LightningModule.log(self, *args, **kwargs)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.layer(x), y)
+            self.mean.update(loss.detach())
+            self.mean._forward_cache = loss.detach() * 10  # the value Lightning must show for this step
+            done = _compat.refresh_logged_metric(self, "m", self.mean)
+            self.refreshed.append(done)
+            if not done:
+                self.log("m", self.mean, on_step=True, on_epoch=True)
+            self.log("plain", loss)
+            assert not _compat.refresh_logged_metric(self, "plain", loss)  # a tensor value: not handled
+            assert not _compat.refresh_logged_metric(self, "unknown", self.mean)
+            return loss
+
+    seen: list[tuple[float, float]] = []
+
+    class Reader(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((float(trainer.callback_metrics["m_step"]), float(outputs["loss"]) * 10))
+
+    module = Logs()
+    loader = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)
+    trainer = _trainer(tmp_path, callbacks=[Reader()])
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(module, loader)
+    assert module.refreshed == [False, True, True, True] * 2  # logged at the start of each epoch, then refreshed
+    assert [a for a, _ in seen] == pytest.approx([b for _, b in seen], rel=1e-6)

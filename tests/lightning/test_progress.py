@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.progress import LogProgressBar, format_duration, show_warnings_on_rank_zero_only
-from matsciml.runner.build import runtime_callbacks
+from matsciml.runner.build import BAR_REFRESH_STEPS, runtime_callbacks
 
 TRAIN_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train epoch (\d+)/(\d+) batch (\d+)/(\d+) step (\d+)/(\d+) \| loss (\S+) \| "
@@ -153,7 +153,8 @@ def test_runner_uses_batch_logs_when_stdout_is_not_a_terminal():
         return [type(cb).__name__ for cb in callbacks if isinstance(cb, pl.callbacks.ProgressBar)]
 
     assert bars(runtime_callbacks([], {}, stdout_is_terminal=False)) == ["LogProgressBar"]
-    assert bars(runtime_callbacks([], {}, stdout_is_terminal=True)) == []  # Lightning's bar on a terminal
+    (terminal,) = [cb for cb in runtime_callbacks([], {}, stdout_is_terminal=True) if isinstance(cb, TQDMProgressBar)]
+    assert terminal.refresh_rate == BAR_REFRESH_STEPS == 10  # Lightning's bar, not redrawn at every step
     assert bars(runtime_callbacks([], {"enable_progress_bar": False}, stdout_is_terminal=False)) == []
     mine = TQDMProgressBar()
     assert bars(runtime_callbacks([mine], {}, stdout_is_terminal=False)) == ["TQDMProgressBar"]

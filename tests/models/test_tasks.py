@@ -516,6 +516,31 @@ def _fit_briefly(task: LightningModule, batches: list[dict], tmp_path, **kwargs)
     return path
 
 
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_lightning_gradient_clipping_reaches_the_optimizer(tmp_path, clip):
+    """With ``gradient_clip_val`` the optimizer steps on clipped gradients; without, on the raw ones."""
+    norms: list[float] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):  # Lightning's closure: forward, backward, hooks, clipping
+            loss = closure()
+            grads = [p.grad.reshape(-1) for g in self.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+            return loss
+
+    torch.manual_seed(15)
+    batches = [make_batch(emt_structures(3, seed=15), {"y": [10.0, -20.0, 30.0]})]
+    task = ScalarRegressionTask(encoder=TinyEncoder(), task_keys=["y"], output_kwargs={"hidden_dim": 8})
+    task.configure_optimizers = lambda: Recording(task.parameters(), lr=0.0)
+    trainer = quiet_trainer(max_steps=2, default_root_dir=tmp_path, gradient_clip_val=clip)
+    trainer.fit(task, train_dataloaders=as_loader(batches))
+    assert len(norms) == 2
+    if clip is None:
+        assert min(norms) > 0.1  # large targets: large gradients, so the clipped case is not vacuous
+    else:
+        assert max(norms) == pytest.approx(clip, rel=1e-4)
+
+
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     torch.manual_seed(12)
     structures = emt_structures(4, seed=12)

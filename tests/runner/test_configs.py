@@ -279,6 +279,21 @@ def test_trainer_refusal_becomes_config_error(tmp_path):
     assert "t.yaml" in str(err.value) and "generic + experiment" in str(err.value)
 
 
+def test_trainer_gets_the_null_profiler_unless_the_config_names_one(tmp_path):
+    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+
+    from matsciml.lightning.profilers import NullProfiler
+
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False}
+    trainer = build.build_trainer(cfg("trainer", {"experiment": quiet}, "t.yaml"), "experiment", tmp_path)
+    assert isinstance(trainer.profiler, NullProfiler) and isinstance(trainer.profiler, PassThroughProfiler)
+    with trainer.profiler.profile("a") as first, trainer.profiler.profile("b") as second:
+        assert first is None and second is None  # records nothing, as the pass-through profiler
+    assert trainer.profiler.profile("a") is trainer.profiler.profile("b")
+    named = cfg("trainer", {"experiment": {**quiet, "profiler": "simple"}}, "t.yaml")
+    assert isinstance(build.build_trainer(named, "experiment", tmp_path).profiler, SimpleProfiler)
+
+
 # ----------------------------------------------------------------------------- model and dataset configs
 
 

@@ -32,14 +32,16 @@ from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
 from matsciml.lightning.callbacks._utils.grads import (
+    OptimizerParameters,
     TrainingFaultError,
-    batch_ids,
-    combine_norms,
     grad_scaler,
+    id_source,
+    ids_of,
     ids_text,
     optimizer_parameters,
     skip_optimizer_step,
     tensor_norms,
+    total_norm,
 )
 from matsciml.lightning.callbacks._utils.names import GRAD_NORM_BEFORE_CLIP, GRAD_NORM_PREFIX, GRAD_NORM_TOTAL
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
@@ -161,7 +163,8 @@ class GradientCheckCallback(Callback):
         #: one record per skipped step: ``{"step", "norm", "reason", "ids"}``
         self.skipped: list[dict[str, Any]] = []
         self._norms: deque[float] = deque(maxlen=int(history))
-        self._ids: list[str] = []
+        self._id_sources: list = []  # the ids of each micro-batch of the step, read only for a message
+        self._parameters = OptimizerParameters()
         self._warner = RateLimitedWarner(min_interval_steps=0, max_per_key=None if self.verbose else 20)
 
     @override
@@ -177,21 +180,23 @@ class GradientCheckCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._ids.extend(batch_ids(batch))
+        source = id_source(batch)
+        if source is not None:
+            self._id_sources.append(source)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        ids, self._ids = self._ids, []
+        sources, self._id_sources = self._id_sources, []
         step = trainer.global_step
         if self.num_steps is not None and step >= self.num_steps:
             return
-        grads = [p.grad for p in optimizer_parameters(optimizer) if p.grad is not None]
+        grads = [p.grad for p in self._parameters(optimizer) if p.grad is not None]
         if not grads:
             return
         # one fused norm and the one host-device synchronisation of the step
-        norm = float(nn.utils.get_total_norm(grads, self.norm_type, foreach=True))
+        norm = float(total_norm(grads, self.norm_type))
         reason = self._reason(norm)
         if reason is None:
             self.consecutive_skips = 0
@@ -201,6 +206,7 @@ class GradientCheckCallback(Callback):
         if not math.isfinite(norm) and grad_scaler(trainer) is not None:
             return  # the GradScaler skips this step and lowers its scale
         skip_optimizer_step(optimizer)
+        ids = ids_of(*sources)
         self.skipped_steps += 1
         self.consecutive_skips += 1
         self.skipped.append({"step": step, "norm": norm, "reason": reason, "ids": list(ids)})
@@ -276,13 +282,16 @@ class MonitorGradients(Callback):
       ``grad_norm/output_heads.energy``, ...); parameters owned by the root module are
       grouped as ``<root>``. Modules whose parameters have no gradient are not logged.
 
-    It works on any ``LightningModule`` (names come from ``named_parameters``). When every
+    It works on any ``LightningModule`` (names come from ``named_parameters``, listed at the
+    start of each training epoch: a parameter created in the middle of an epoch is seen
+    from the next one). When every
     per-parameter gradient norm equals that of the previous logged step (relative
     difference below ``eps``), it warns: the model received the same gradient twice,
     which happens when the batches do not change or the loss ignores the inputs.
 
-    Hooks it acts in: ``on_before_optimizer_step``. Put it before
-    :class:`GradientCheckCallback` (which removes the gradients of a skipped step).
+    Hooks it acts in: ``on_train_epoch_start`` (lists the named parameters),
+    ``on_before_optimizer_step``. Put it before :class:`GradientCheckCallback` (which
+    removes the gradients of a skipped step).
 
     Example::
 
@@ -342,10 +351,16 @@ class MonitorGradients(Callback):
         #: the values logged at the last logged step: ``{"grad_norm/total": ..., ...}``
         self.last: dict[str, float] = {}
         self._previous: tuple[int, list[str], list[float]] | None = None
+        self._layout: tuple[tuple, list[str], Tensor] | None = None  # parameter names -> groups
+        self._named: list[tuple[str, nn.Parameter]] | None = None  # named_parameters, listed once an epoch
         self._warner = RateLimitedWarner(min_interval_steps=100, max_per_key=5)
 
     def _period(self, trainer: pl.Trainer) -> int:
         return log_every_n_steps(trainer, self.every_n_steps)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._named = list(pl_module.named_parameters())  # a module walk: not at every logged step
 
     @override
     def on_before_optimizer_step(
@@ -354,26 +369,39 @@ class MonitorGradients(Callback):
         step = trainer.global_step
         if step % self._period(trainer):
             return
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if self._named is None:
+            self._named = list(pl_module.named_parameters())
+        named = [(n, p.grad) for n, p in self._named if p.grad is not None]
         if not named:
             return
         names = [n for n, _ in named]
         norms = tensor_norms([g for _, g in named], self.norm_type)
-        groups: dict[str, list[int]] = {}
-        for index, name in enumerate(names):
-            groups.setdefault(_group_name(name, self.depth), []).append(index)
-        keys = ["total", *groups]
-        values = torch.stack(
-            [combine_norms(norms, self.norm_type)]
-            + [combine_norms(norms[torch.tensor(idx, device=norms.device)], self.norm_type) for idx in groups.values()]
-        )
-        host = torch.cat([values, norms]).tolist()  # the one sync of a logged step
+        keys, index = self._groups(names, norms.device)
+        host = torch.cat([self._group_norms(norms, index, len(keys) - 1), norms]).tolist()  # the one sync
         per_param = host[len(keys) :]
         self.last = {f"{GRAD_NORM_PREFIX}{k}": v for k, v in zip(keys, host[: len(keys)])}
         log_scalars(trainer, self.last, step=step)
         if self.verbose:
             rank_zero_info(f"MonitorGradients step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in self.last.items()))
         self._check_repeat(trainer, step, names, per_param)
+
+    def _groups(self, names: list[str], device: torch.device) -> tuple[list[str], Tensor]:
+        """``(["total", group, ...], group number of each parameter)``, kept while the parameter names stay."""
+        key = (tuple(names), device)
+        if self._layout is None or self._layout[0] != key:
+            groups: dict[str, int] = {}
+            numbers = [groups.setdefault(_group_name(name, self.depth), len(groups)) for name in names]
+            self._layout = (key, ["total", *groups], torch.tensor(numbers, device=device))
+        return self._layout[1], self._layout[2]
+
+    def _group_norms(self, norms: Tensor, index: Tensor, count: int) -> Tensor:
+        """``[total, group 0, group 1, ...]`` from the per-parameter norms (``combine_norms`` of each group)."""
+        if math.isinf(self.norm_type):
+            groups = norms.new_zeros(count).scatter_reduce(0, index, norms, "amax", include_self=True)
+            return torch.cat([norms.max().reshape(1), groups])
+        powered = norms.pow(self.norm_type)
+        groups = powered.new_zeros(count).index_add_(0, index, powered)
+        return torch.cat([powered.sum().reshape(1), groups]).pow(1.0 / self.norm_type)
 
     def _check_repeat(self, trainer: pl.Trainer, step: int, names: list[str], norms: list[float]) -> None:
         previous, self._previous = self._previous, (step, names, norms)

@@ -15,11 +15,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks._utils.grads import batch_ids
+from matsciml.lightning.callbacks._utils.grads import id_source, ids_of
 from matsciml.lightning.callbacks._utils.reporting import RateLimitedWarner, log_scalars
 from matsciml.lightning.callbacks._utils.steps import log_every_n_steps
 
-__all__ = ["LossSpikeDetection", "is_spike"]
+__all__ = ["LossSpikeDetection", "is_spike", "find_spikes"]
 
 _DIRECTIONS = ("both", "up")
 
@@ -38,6 +38,44 @@ def is_spike(
     scale = max(mad, rel_floor * abs(median), 1e-12)
     deviation = value - median if direction == "up" else abs(value - median)
     return deviation > k * scale, median, scale
+
+
+def find_spikes(
+    values: list[float] | np.ndarray,
+    start: int,
+    window: int,
+    min_history: int,
+    k: float,
+    direction: str = "both",
+    rel_floor: float = 1e-3,
+) -> list[tuple[int, float, float]]:
+    """:func:`is_spike` for each of ``values[start:]`` against the (up to ``window``) values before it.
+
+    Values preceded by fewer than ``min_history`` values are not judged. The values with a
+    full window are judged together (one median over a stack of windows), the others one
+    by one; the result is that of :func:`is_spike` on each.
+
+    Returns
+    -------
+    list
+        ``(index, median, scale)`` of every spike, by index.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    found = []
+    for index in range(max(start, min_history), min(window, len(data))):
+        spike, median, scale = is_spike(float(data[index]), data[:index], k, direction, rel_floor)
+        if spike:
+            found.append((index, median, scale))
+    full = np.arange(max(start, window), len(data))
+    if full.size:
+        rows = np.lib.stride_tricks.sliding_window_view(data[:-1], window)[full - window]  # data[i - window : i]
+        median = np.median(rows, axis=1)
+        mad = np.median(np.abs(rows - median[:, None]), axis=1)
+        scale = np.maximum(np.maximum(mad, rel_floor * np.abs(median)), 1e-12)
+        deviation = data[full] - median if direction == "up" else np.abs(data[full] - median)
+        for j in np.flatnonzero(deviation > k * scale):
+            found.append((int(full[j]), float(median[j]), float(scale[j])))
+    return found
 
 
 class LossSpikeDetection(Callback):
@@ -130,7 +168,7 @@ class LossSpikeDetection(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._current = (trainer.global_step, batch_ids(batch))
+        self._current = (trainer.global_step, id_source(batch))  # read only for a message
 
     @override
     def on_train_batch_end(
@@ -140,7 +178,7 @@ class LossSpikeDetection(Callback):
         if not isinstance(loss, Tensor) or loss.numel() != 1 or self._current is None:
             return
         step, ids = self._current
-        self._pending.append((loss.detach().reshape(()), step, batch_idx, trainer.current_epoch, ids))
+        self._pending.append((loss.detach(), step, batch_idx, trainer.current_epoch, ids))
         if len(self._pending) >= self.check_every_n_steps:
             self._check(trainer)
 
@@ -156,20 +194,21 @@ class LossSpikeDetection(Callback):
         pending, self._pending = self._pending, []
         if not pending:
             return
-        values = torch.stack([p[0].float().to(pending[0][0].device) for p in pending]).tolist()  # one sync
-        found = False
-        for value, (_, step, batch_idx, epoch, ids) in zip(values, pending):
-            if not math.isfinite(value):
-                continue
-            if len(self._history) >= self.min_history:
-                spike, median, mad = is_spike(value, list(self._history), self.k, self.direction)
-                if spike:
-                    found = True
-                    self._record(trainer, value, median, mad, step, batch_idx, epoch, ids)
-            self._history.append(value)
+        losses = [p[0] for p in pending]
+        if any(loss.dim() or loss.device != losses[0].device for loss in losses):
+            losses = [loss.reshape(()).to(losses[0].device) for loss in losses]
+        values = torch.stack(losses).tolist()  # one sync
+        finite = [(value, record) for value, record in zip(values, pending) if math.isfinite(value)]
+        start = len(self._history)
+        series = [*self._history, *(value for value, _ in finite)]
+        spikes = find_spikes(series, start, self.window, self.min_history, self.k, self.direction)
+        for index, median, scale in spikes:
+            value, (_, step, batch_idx, epoch, ids) = finite[index - start]
+            self._record(trainer, value, median, scale, step, batch_idx, epoch, ids_of(ids))
+        self._history.extend(value for value, _ in finite)
         last_step = pending[-1][1]
         every = log_every_n_steps(trainer)
-        if found or any(p[1] % every == 0 for p in pending):
+        if spikes or any(p[1] % every == 0 for p in pending):
             log_scalars(trainer, {"loss_spikes": self.loss_spikes}, step=last_step)
 
     def _record(

@@ -129,6 +129,7 @@ class LogProgressBar(ProgressBar):
         self._step_start = 0
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self._losses: list[torch.Tensor] = []
         self._window_steps = 0
         self._window_samples = 0
         self._samples_known = True
@@ -211,9 +212,18 @@ class LogProgressBar(ProgressBar):
     def _reset_window(self) -> None:
         self._loss_sum = None
         self._loss_count = 0
+        self._losses = []
         self._window_steps = 0
         self._window_samples = 0
         self._samples_known = True
+
+    def _fold_losses(self) -> None:
+        """Add the losses collected since the last fold to the window's sum (one stack, one sum)."""
+        if self._losses:
+            total = torch.stack([loss.reshape(()).float() for loss in self._losses]).sum()
+            self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
+            self._loss_count += len(self._losses)
+            self._losses = []
 
     @override
     def on_train_batch_end(
@@ -223,9 +233,9 @@ class LogProgressBar(ProgressBar):
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            value = loss.detach().float().reshape(())
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_count += 1
+            self._losses.append(loss.detach())  # summed when a line is written, not at every step
+            if len(self._losses) >= 256:
+                self._fold_losses()
         size = _batch_size(batch)
         if size is None:
             self._samples_known = False
@@ -246,6 +256,7 @@ class LogProgressBar(ProgressBar):
             f"step {self._steps(trainer)}",
         ]
         line = " ".join(parts)
+        self._fold_losses()
         if self._loss_sum is not None and self._loss_count:
             line += f" | loss {float(self._loss_sum) / self._loss_count:.4g}"
         rate = self._window_steps / window

@@ -420,8 +420,8 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, EvaluationStepsMixin,
 
     def _target(self, batch: Any, key: str, like: torch.Tensor) -> torch.Tensor:
         targets = batch.get("targets") if isinstance(batch, Mapping) else None
-        ids = list(batch.get("ids") or [])[:3] if isinstance(batch, Mapping) else []
         if not isinstance(targets, Mapping) or key not in targets:
+            ids = list(batch.get("ids") or [])[:3] if isinstance(batch, Mapping) else []
             present = sorted(targets) if isinstance(targets, Mapping) else []
             raise DataError(
                 f"{type(self).__name__}: the batch (first ids {ids}) has no target {key!r} (targets present: "
@@ -429,6 +429,7 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, EvaluationStepsMixin,
             )
         target = torch.as_tensor(targets[key]).to(device=like.device, dtype=like.dtype)
         if target.numel() != like.numel():
+            ids = list(batch.get("ids") or [])[:3]
             raise DataError(
                 f"{type(self).__name__}: target {key!r} of the batch (first ids {ids}) has shape "
                 f"{tuple(target.shape)} but the task predicts {tuple(like.shape)} "
@@ -480,25 +481,9 @@ class BaseTaskModule(TargetStatisticsMixin, TransferMixin, EvaluationStepsMixin,
         return {key: self._to_data_units(key, value) for key, value in raw.items()}
 
     # ------------------------------------------------------------------ Lightning hooks
-    def _logs_this_step(self, batch_idx: int) -> bool:
-        """Whether this training step's metric values reach the logger (or start an epoch)."""
-        trainer = self._trainer
-        if trainer is None or batch_idx == 0:
-            return True
-        return bool(trainer._logger_connector.should_update_logs)
-
-    def _log_metrics(self, split: str, result: dict[str, Any], batch: Any, batch_idx: int = 0) -> None:
-        targets = {key: self._target(batch, key, result["predictions"][key]) for key in self.task_keys}
-        # Training metrics accumulate every batch, but are handed to ``self.log`` (whose cost
-        # is that of a small forward pass) only on logging steps: Lightning computes and logs
-        # their epoch value from the whole accumulated state either way.
-        step = split != "train" or self._logs_this_step(batch_idx)
-        if split == "train" and batch_idx == 0:
-            self.task_metrics.reset("train")  # nothing left over from an epoch that logged none of them
-        logged = self.task_metrics.update(split, result, targets, step_values=step)
-        if not step:
-            return
-        self._log_updated(split, logged, result["batch_size"])
+    def _metric_targets(self, batch: Any, result: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{task key: target}`` in data units, shaped like the predictions (for the metrics)."""
+        return {key: self._target(batch, key, result["predictions"][key]) for key in self.task_keys}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """``compute_losses``, then log the ``train_*`` metrics; returns the loss."""

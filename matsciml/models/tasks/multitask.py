@@ -349,7 +349,8 @@ class MultiTaskLitModule(EvaluationStepsMixin, pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
-    def _targets(self, batch: Any, result: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _metric_targets(self, batch: Any, result: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{pair key: target}`` in data units for the pairs present in ``result`` (for the metrics)."""
         targets = {}
         for ds, task in self.iter_tasks():
             for key in task.task_keys:
@@ -358,14 +359,10 @@ class MultiTaskLitModule(EvaluationStepsMixin, pl.LightningModule):
                     targets[name] = task._target(batch[ds], key, result["predictions"][name])
         return targets
 
-    def _log_metrics(self, split: str, result: dict[str, Any], batch: Any) -> None:
-        logged = self.task_metrics.update(split, result, self._targets(batch, result))
-        self._log_updated(split, logged, result["batch_size"])
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """``compute_losses``, then log the ``train_*`` metrics; returns the loss."""
         result = self.compute_losses(batch)
-        self._log_metrics("train", result, batch)
+        self._log_metrics("train", result, batch, batch_idx)
         if self.log_embeddings and self.global_step % self.log_embeddings_every_n_steps == 0:
             for ds, results in result["per_dataset"].items():
                 label, first = next(iter(results.items()))

@@ -21,14 +21,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
+from matsciml.lightning.callbacks._utils.grads import (
+    OptimizerParameters,
+    batch_ids,
+    combine_norms,
+    id_source,
+    ids_of,
+    skip_optimizer_step,
+    tensor_norms,
+    total_norm,
+)
 from matsciml.lightning.callbacks.gradients import (
     GradientCheckCallback,
     ManualGradientClip,
     MonitorGradients,
     TrainingFaultError,
-    batch_ids,
-    skip_optimizer_step,
-    tensor_norms,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,6 +95,37 @@ def test_tensor_norms_and_batch_ids():
     torch.testing.assert_close(tensor_norms(tensors), expected)
     assert batch_ids({"ids": ["a", "b"]}) == ["a", "b"]
     assert batch_ids({"graph": None}) == [] and batch_ids(torch.zeros(2)) == []
+    assert ids_of(id_source({"ids": ["a", 3]}), id_source({"x": 1}), id_source({"ids": ("c",)})) == ["a", "3", "c"]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_total_norm_equals_the_norm_of_the_concatenation(norm_type, monkeypatch):
+    """Concatenated (small, CPU), per-tensor norms (larger) and a mixed list: the norm of all elements as one vector."""
+    from matsciml.lightning.callbacks._utils import grads
+
+    g = torch.Generator().manual_seed(1)
+    same = [torch.randn(s, generator=g) for s in [(3, 4), (5,), (2, 2, 2)]]
+    mixed = [*same, torch.randn(4, generator=g, dtype=torch.float64)]
+    for tensors in (same, mixed):
+        expected = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]), norm_type)
+        torch.testing.assert_close(total_norm(tensors, norm_type).double(), expected, rtol=1e-6, atol=0)
+        monkeypatch.setattr(grads, "CONCAT_LIMIT", 10)  # the per-tensor path
+        torch.testing.assert_close(total_norm(tensors, norm_type).double(), expected, rtol=1e-6, atol=0)
+        monkeypatch.undo()
+    nan = [torch.tensor([1.0, float("nan")]), torch.ones(3)]
+    assert torch.isnan(total_norm(nan)) and float(total_norm([])) == 0.0
+
+
+def test_optimizer_parameters_are_listed_again_when_the_groups_change():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    optimizer = torch.optim.SGD([{"params": [a, b]}], lr=0.1)
+    listed = OptimizerParameters()
+    assert listed(optimizer) == [a, b] and listed(optimizer) is listed(optimizer)
+    optimizer.add_param_group({"params": [c]})
+    assert listed(optimizer) == [a, b, c]
+    optimizer.param_groups[0]["params"].append(torch.nn.Parameter(torch.zeros(1)))  # one more in a group
+    assert len(listed(optimizer)) == 4
+    assert listed(torch.optim.SGD([c], lr=0.1)) == [c]
 
 
 # ----------------------------------------------------------------------------- GradientCheckCallback
@@ -184,6 +222,22 @@ def test_monitor_gradients_logs_module_norms_equal_to_hand_computation(tmp_path)
             picked = [g.flatten() for n, g in grads.items() if group == "total" or n.startswith(group + ".")]
             expected = float(torch.linalg.vector_norm(torch.cat(picked)))
             assert value == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_group_norms_equal_the_norm_of_each_group(norm_type):
+    norms = torch.tensor([3.0, 4.0, 1.0, 2.0, 0.5])
+    names = ["encoder.a.weight", "heads.b.bias", "encoder.c.weight", "heads.b.weight", "scale"]
+    monitor = MonitorGradients(norm_type=norm_type)
+    keys, index = monitor._groups(names, norms.device)
+    assert keys == ["total", "encoder", "heads", "<root>"]
+    expected = [combine_norms(norms, norm_type)] + [
+        combine_norms(
+            norms[[i for i, n in enumerate(names) if g == (n.split(".")[0] if "." in n else "<root>")]], norm_type
+        )
+        for g in keys[1:]
+    ]
+    torch.testing.assert_close(monitor._group_norms(norms, index, len(keys) - 1), torch.stack(expected))
 
 
 def test_monitor_gradients_depth_two_and_upstream_name(tmp_path):

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from matsciml.common.errors import ConfigError
-from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection, is_spike
+from matsciml.lightning.callbacks.loss_spikes import LossSpikeDetection, find_spikes, is_spike
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,6 +60,25 @@ def test_is_spike_against_hand_numbers():
     assert is_spike(-8.5, history, k=10.0, direction="up")[0] is False
     assert is_spike(5.0 + 1e-3, [5.0] * 30, k=10.0)[0] is False  # MAD 0: floored at 1e-3 * |median|
     assert is_spike(5.1, [5.0] * 30, k=10.0)[0] is True
+
+
+@pytest.mark.parametrize("direction", ["both", "up"])
+def test_find_spikes_judges_each_value_as_is_spike_does(direction):
+    """The windows judged together (full ones) and one by one (early ones) give is_spike's answer for each."""
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(60, generator=g) + 5.0).tolist()
+    for i in (7, 15, 31, 44, 58):
+        values[i] += 8.0 if i % 2 else -8.0
+    expected = []
+    for i in range(10, 60):
+        history = values[max(0, i - 12) : i]
+        if len(history) >= 4:
+            spike, median, scale = is_spike(values[i], history, 3.0, direction)
+            if spike:
+                expected.append((i, median, scale))
+    found = find_spikes(values, 10, window=12, min_history=4, k=3.0, direction=direction)
+    assert [i for i, _, _ in found] == [i for i, _, _ in expected] and len(expected) >= 3
+    assert found == expected  # the same medians and scales, to the last bit
 
 
 def test_spike_at_a_known_step_names_the_step_and_the_ids(tmp_path):
