@@ -58,6 +58,7 @@ __all__ = [
     "GraphCache",
     "cache_boundary",
     "cache_key",
+    "prepare_columns_for",
     "sample_nbytes",
     "attach_graph_cache",
 ]
@@ -266,6 +267,7 @@ class GraphCache:
         self.full = False
         self.hits = 0
         self.misses = 0
+        self._columns: dict[int, tuple[Any, int]] = {}  # dataset index -> (Columns, position in them)
 
     def lookup(self, record: int) -> dict[str, Any] | None:
         """The stored processed sample of ``record`` (not a copy), or ``None``."""
@@ -312,6 +314,51 @@ class GraphCache:
             return dataset.apply_transforms(_deep(sample), tail)
         return _shallow(sample)
 
+    def prepare_columns(self, dataset: Any, indices: Sequence[int]) -> bool:
+        """Lay the samples ``indices`` of ``dataset`` out as columns (:mod:`~matsciml.datasets.columns`).
+
+        Done when every one of them is held in memory, no transform follows the cache, the
+        cache holds at most :data:`~matsciml.datasets.columns.COLUMNS_MAX_BYTES` and the
+        samples fit one layout; a no-op when these samples already are in one set of
+        columns. Call it between passes over the data (the loaders do, at the end of
+        each pass): it costs about one pass of the per-sample collate. Whether the
+        samples are in columns afterwards.
+        """
+        from matsciml.datasets.columns import COLUMNS_MAX_BYTES, Columns
+
+        indices = list(indices)
+        if not indices or self.disk is not None or dataset.transforms[self.boundary :]:
+            return False
+        known = {id(self._columns[i][0]) if i in self._columns else None for i in indices}
+        if len(known) == 1 and None not in known:
+            return True
+        if self.memory_bytes > COLUMNS_MAX_BYTES:
+            return False
+        samples = [self.memory.get(dataset._record_index(i)) for i in indices]
+        if any(sample is None for sample in samples):
+            return False
+        columns = Columns.build(samples)
+        if columns is None:
+            return False
+        self._columns.update((index, (columns, k)) for k, index in enumerate(indices))
+        return True
+
+    def batch_columns(self, indices: Sequence[int]) -> tuple[Any, list[int]] | None:
+        """``(Columns, positions)`` when the samples ``indices`` are all in one set of columns, else ``None``."""
+        found = self._columns
+        if not found:
+            return None
+        first = found.get(indices[0]) if indices else None
+        if first is None:
+            return None
+        columns, positions = first[0], []
+        for index in indices:
+            entry = found.get(index)
+            if entry is None or entry[0] is not columns:
+                return None
+            positions.append(entry[1])
+        return columns, positions
+
     def fill(self, dataset: Any, workers: int = 0, progress: bool | None = None) -> None:
         """Compute and keep every processed sample of ``dataset`` now (in ``workers`` processes)."""
         from tqdm.auto import tqdm
@@ -354,6 +401,24 @@ class _Processor:
     def __call__(self, k: int) -> dict[str, Any]:
         index = self.indices[k]
         return self.dataset.apply_transforms(self.dataset.raw(index), self.dataset.transforms[: self.boundary])
+
+
+def prepare_columns_for(dataset: Any) -> bool:
+    """:meth:`GraphCache.prepare_columns` for the samples a loader reads: ``dataset`` or its ``Subset`` chain.
+
+    Returns whether those samples are held as columns (``False`` for datasets without a
+    graph cache).
+    """
+    from torch.utils.data import Subset
+
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        indices = list(dataset.indices) if indices is None else [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    cache = getattr(dataset, "graph_cache", None)
+    if not isinstance(cache, GraphCache):
+        return False
+    return cache.prepare_columns(dataset, range(len(dataset)) if indices is None else indices)
 
 
 def attach_graph_cache(dataset: Any, config: GraphCacheConfig | Any, num_workers: int = 0) -> GraphCache | None:

@@ -196,6 +196,10 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     -------
     >>> loader = DataLoader(dataset, batch_size=32, collate_fn=collate_samples)
     """
+    gather = getattr(samples, "collate_from_columns", None)  # a batch held as columns (matsciml.datasets.columns)
+    batch = gather() if gather is not None else None
+    if batch is not None:
+        return batch
     if len(samples) == 0:
         raise DataError("collate_samples got an empty list of samples; the dataset or its split is empty.")
     for sample in samples:

@@ -223,6 +223,26 @@ class StructureDataset(Dataset):
             return self.graph_cache.item(self, index)
         return self.apply_transforms(self.raw(index), self.transforms)
 
+    def __getitems__(self, indices: Sequence[int]) -> Sequence[dict[str, Any]]:
+        """The samples ``indices`` (what a ``DataLoader`` asks for one batch).
+
+        When the graph cache holds them as columns (:meth:`GraphCache.prepare_columns
+        <matsciml.datasets.cache.GraphCache.prepare_columns>`), a
+        :class:`~matsciml.datasets.columns.RecordBatch` that
+        :func:`~matsciml.datasets.collate.collate_samples` gathers in a few tensor calls;
+        otherwise the list of samples.
+        """
+        n = len(self)
+        indices = [i + n if i < 0 else i for i in indices]
+        cache = self.graph_cache
+        if cache is not None and type(self).__getitem__ is StructureDataset.__getitem__:
+            found = cache.batch_columns(indices)
+            if found is not None:
+                from matsciml.datasets.columns import RecordBatch
+
+                return RecordBatch(self, indices, *found)
+        return [self[i] for i in indices]
+
     @classmethod
     def from_devset(cls, transforms: Sequence[Transform] | None = None, **kwargs: Any) -> StructureDataset:
         """The embedded EMT alloy devset (see :mod:`matsciml.datasets.devset`), generated on first use.

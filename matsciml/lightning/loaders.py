@@ -226,8 +226,14 @@ class _ResumableIterator(Iterator):
         loader = self._loader
         if self._inner is None:
             self._inner = loader._start_pass()
-        batch = next(self._inner)
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            loader._pass_finished()
+            raise
         loader._yielded += 1
+        if loader._yielded == loader._pass_length:  # the last batch (Lightning stops without asking for more)
+            loader._pass_finished()
         return batch
 
 
@@ -299,6 +305,7 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0  # batches handed out in the current epoch (skipped ones included)
         self._count_epoch = self.epoch  # the epoch _yielded belongs to
         self._resume: dict[str, int] | None = None  # loaded state not applied yet
+        self._pass_length: int | None = None  # batches in a whole pass
         self._progress: Callable[[], int | None] | None = None
 
     @property
@@ -354,7 +361,23 @@ class ResumableDataLoader(DataLoader):
             self.sampler.start = min(skip * self.batch_size, len(self.sampler))
         if self.resumable:
             self.generator.manual_seed(mix_seed(self.seed, self.epoch) ^ 0x5DEECE66D)
+        try:
+            self._pass_length = len(self)
+        except TypeError:  # an iterable dataset without length
+            self._pass_length = None
         return super().__iter__()
+
+    def _pass_finished(self) -> None:
+        """At the end of a pass without worker processes: let the graph cache hold these samples as columns.
+
+        The next passes then gather each batch with a few tensor calls
+        (:func:`~matsciml.datasets.cache.prepare_columns_for`); with workers the batches
+        are collated in the workers, which were started before.
+        """
+        if self.num_workers == 0:
+            from matsciml.datasets.cache import prepare_columns_for
+
+            prepare_columns_for(self.dataset)
 
     def batches_done(self) -> int:
         """Batches of the current epoch finished by the training loop (see the module docs)."""

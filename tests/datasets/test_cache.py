@@ -359,3 +359,86 @@ def test_concurrent_builders_share_one_file(tmp_path):
     plain = StructureDataset(DATA / "alexandria_devset.extxyz", transforms=_transforms(4.0))
     want = collate_samples([plain[i] for i in range(len(plain))])["graph"]
     assert results[0][1:] == (want.edge_index.sum().item(), want.num_edges)
+
+
+# ------------------------------------------------------------------ columns
+
+
+def _cached_devset(n: int = 60, **config) -> StructureDataset:
+    dataset = StructureDataset.from_devset(transforms=_transforms(3.3), n=n)
+    attach_graph_cache(dataset, {"mode": "memory", "progress": False, **config})
+    for i in range(len(dataset)):
+        dataset[i]
+    return dataset
+
+
+def test_batches_gathered_from_columns_equal_the_per_sample_collate():
+    """Oracle: collate_samples on the samples one by one; every target kind of the devset (scalars, forces, stress)."""
+    from matsciml.datasets.cache import prepare_columns_for
+    from matsciml.datasets.columns import RecordBatch
+
+    dataset = _cached_devset()
+    split = torch.utils.data.Subset(torch.utils.data.Subset(dataset, list(range(50, 0, -1))), list(range(3, 40)))
+    assert not isinstance(split.__getitems__([0, 1]), RecordBatch)  # no columns yet: plain samples
+    assert prepare_columns_for(split)
+    assert set(dataset[0]["targets"]) >= {"energy", "forces", "stress", "energy_per_atom"}
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(3)).tolist()
+    for k in range(0, len(order), 7):
+        indices = order[k : k + 7]
+        gathered = split.__getitems__(indices)
+        assert isinstance(gathered, RecordBatch) and len(gathered) == len(indices)
+        _assert_same_batch(collate_samples(gathered), collate_samples([split[i] for i in indices]))
+        # any other collate function reads the samples one by one
+        assert [s["id"] for s in gathered] == [split[i]["id"] for i in indices]
+    # indices outside the columns' samples: the per-sample path
+    assert not isinstance(dataset.__getitems__([0, 55]), RecordBatch)
+
+
+def test_a_loader_pass_lays_its_samples_out_and_later_passes_equal_the_first():
+    from matsciml.lightning.loaders import ResumableDataLoader
+
+    dataset = StructureDataset.from_devset(transforms=_transforms(3.3), n=40)
+    attach_graph_cache(dataset, {"mode": "memory", "progress": False})
+    loader = ResumableDataLoader(dataset, batch_size=6, shuffle=True, seed=2, collate_fn=collate_samples)
+    first = list(loader)  # fills the cache; its last batch lays the samples out as columns
+    assert dataset.graph_cache.batch_columns(list(range(40))) is not None
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        reference = [collate_samples([dataset[i] for i in idx]) for idx in loader.batch_sampler]
+        got = list(loader)
+        for a, b in zip(got, reference):
+            _assert_same_batch(a, b)
+        if epoch == 0:
+            for a, b in zip(got, first):
+                _assert_same_batch(a, b)
+
+
+def test_samples_that_do_not_fit_one_layout_keep_the_per_sample_collate(monkeypatch):
+    from matsciml.datasets import columns as cols
+
+    dataset = _cached_devset(n=12)
+    samples = [dataset.graph_cache.memory[i] for i in range(12)]
+    assert cols.Columns.build(samples) is not None
+
+    def changed(k: int, edit) -> list:
+        copies = [dict(s, targets=dict(s["targets"])) for s in samples]
+        edit(copies[k])
+        return copies
+
+    no_id = changed(3, lambda s: s.pop("id"))
+    partial_target = changed(5, lambda s: s["targets"].pop("stable"))
+    other_dtype = changed(2, lambda s: s["targets"].update(energy=s["targets"]["energy"].double()))
+    ambiguous = [dict(s, targets={"v": torch.zeros(s["natoms"] if k < 6 else 2)}) for k, s in enumerate(samples)]
+    for bad in (no_id, partial_target, other_dtype, ambiguous):
+        assert cols.Columns.build(bad) is None
+    graph = samples[4]["graph"].clone()
+    graph.pos = graph.pos.double()
+    assert cols.Columns.build([*samples[:4], dict(samples[4], graph=graph)]) is None
+    # a random transform after the cache, or a cache larger than the limit: no columns
+    rattled = StructureDataset.from_devset(transforms=[*_transforms(3.3), Rattle()], n=12)
+    cache = attach_graph_cache(rattled, {"mode": "memory", "progress": False})
+    for i in range(12):
+        rattled[i]
+    assert not cache.prepare_columns(rattled, range(12))
+    monkeypatch.setattr(cols, "COLUMNS_MAX_BYTES", 1)
+    assert not dataset.graph_cache.prepare_columns(dataset, range(12))
