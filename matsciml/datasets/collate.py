@@ -137,17 +137,30 @@ def collate_graphs(graphs: Sequence[Any]) -> Batch:
         counts, slices = _offsets(sizes, memo)
         slice_dict[key] = slices
         value = _cat(values, cat_dim, shared, stack=scalar)
-        if index:
-            inc_dict[key] = node_slices[:-1]
-            shape = [1] * value.dim()
-            shape[cat_dim] = -1
-            value += torch.repeat_interleave(node_slices[:-1], counts).to(value.dtype).view(shape)
-        else:
-            inc_dict[key] = zeros
+        inc_dict[key] = offset_index(value, cat_dim, node_slices, counts) if index else zeros
         out_store[key] = value
-    out_store.batch = torch.repeat_interleave(torch.arange(len(graphs)), node_counts)
-    out_store.ptr = node_slices.clone()
-    out._num_graphs = len(graphs)
+    return finish_batch(out, len(graphs), node_counts, node_slices, slice_dict, inc_dict)
+
+
+def offset_index(value: torch.Tensor, dim: int, node_slices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Shift the node indices in ``value`` (in place) by each graph's first node; return the increments.
+
+    ``counts[g]`` entries along ``dim`` belong to graph ``g``, whose nodes start at ``node_slices[g]``.
+    """
+    shape = [1] * value.dim()
+    shape[dim] = -1
+    value += torch.repeat_interleave(node_slices[:-1], counts).to(value.dtype).view(shape)
+    return node_slices[:-1]
+
+
+def finish_batch(
+    out: Batch, count: int, node_counts: torch.Tensor, node_slices: torch.Tensor, slice_dict: dict, inc_dict: dict
+) -> Batch:
+    """Set the fields a PyG ``Batch`` of ``count`` graphs needs besides its attributes (``batch``, ``ptr``, slices)."""
+    store = out._store
+    store.batch = torch.repeat_interleave(torch.arange(count), node_counts)
+    store.ptr = node_slices.clone()
+    out._num_graphs = count
     out._slice_dict = slice_dict
     out._inc_dict = inc_dict
     return out

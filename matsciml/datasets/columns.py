@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from matsciml.datasets import schema
-from matsciml.datasets.collate import STACKED_TARGETS, _empty_batch, _plain_graphs
+from matsciml.datasets.collate import STACKED_TARGETS, _empty_batch, _plain_graphs, finish_batch, offset_index
 
 __all__ = ["COLUMNS_MAX_BYTES", "Columns", "RecordBatch"]
 
@@ -199,19 +199,9 @@ class Columns:
                 sizes, slice_dict[key], picked = layout(column)
                 value = column.data.index_select(column.dim, picked)
                 dim = column.dim
-            if key in self.index_keys:
-                inc_dict[key] = node_slices[:-1]
-                shape = [1] * value.dim()
-                shape[dim] = -1
-                value += torch.repeat_interleave(node_slices[:-1], sizes).to(value.dtype).view(shape)
-            else:
-                inc_dict[key] = zeros
+            inc_dict[key] = offset_index(value, dim, node_slices, sizes) if key in self.index_keys else zeros
             store[key] = value
-        store.batch = torch.repeat_interleave(torch.arange(count), node_counts)
-        store.ptr = node_slices.clone()
-        out._num_graphs = count
-        out._slice_dict = slice_dict
-        out._inc_dict = inc_dict
+        finish_batch(out, count, node_counts, node_slices, slice_dict, inc_dict)
         targets = {}
         for key, column in self.targets.items():
             if column.dim is None:
