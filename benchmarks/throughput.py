@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/throughput.py [--rounds 3] [--batches N] [--models egnn_small egnn_dgl] [--device cpu|cuda]
+    python benchmarks/throughput.py [--rounds 3] [--warm-epochs 3] [--batches N] [--models egnn_small egnn_dgl]
+        [--device cpu|cuda]
 
 For each model (``egnn_small``: the default experiment, ``make train``;
 ``egnn_dgl``: the upstream EGNN settings with their 6.5 Å graphs), on the bundled
@@ -14,20 +15,24 @@ second of the training part of an epoch (validation excluded):
     ``trainer/devset_cpu.yaml``: its callbacks, loggers and checkpointing, the data
     module's defaults), first epoch of a fresh run: the graph cache is cold and filled
     during this epoch;
-(b) **warm cache**: the second epoch of the same run;
+(b) **warm cache**: each later epoch of the same run (``--warm-epochs``, default 3);
     (``--trainer`` takes another trainer config, e.g. one without the monitoring
     callbacks, to see what they cost);
 (c) **floor**: a hand-written PyTorch loop over the same batches already collated in
-    memory: the same task (``task.compute_losses``), the same AdamW optimizer, no
-    Lightning, no data pipeline.
+    memory: the same task (a copy with the same weights, ``task.compute_losses``), the
+    same AdamW optimizer, ``zero_grad``/``backward``/``step``, no Lightning, no data
+    pipeline; once per epoch of the run, right after it (a, b, b, b, c, c, c, c).
 
 Also measured: one pass over the training loader of a fresh data module of the
 default experiment, twice (cold, then warm cache), and the **data share**: the warm
 loader's time per batch over the warm end-to-end time per batch.
 
-Rounds alternate the measurements (the machine may be shared) and the medians are
-printed, with the ratios ``(a)/(c)``, ``(b)/(c)`` (time ratios: 1.0 is the floor) and
-the data share. The last line is JSON for the default experiment:
+The machine may be shared: epoch ``k`` of a run and the ``k``-th floor after it give
+the ratio ``(a)/(c)`` (``k = 0``) or ``(b)/(c)`` (time ratios: 1.0 is the floor), and
+rounds (fresh runs) repeat the whole. The medians of these paired ratios over all rounds
+are printed (a load that comes and goes moves both terms of a pair less than it moves
+measurements minutes apart), with the median rates.
+The last line is JSON for the default experiment:
 ``{"end_to_end_ratio": ..., "warm_cache_ratio": ..., "data_share": ...,
 "loader_second_pass_ratio": ...}``. With ``--device cuda`` (and a GPU) the runs
 train on the GPU with 4 loader workers and pinned memory.
@@ -36,6 +41,7 @@ train on the GPU with 4 loader workers and pinned memory.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -99,8 +105,8 @@ def _experiment(model: str, folder: Path) -> Path:
 TRAINER = CONFIGS / "trainer" / "devset_cpu.yaml"
 
 
-def _prepare(model: str, folder: Path, batches: int, device: str, run: str):
-    overrides = ["trainer.experiment.max_epochs.2", "trainer.generic.max_epochs.2"]
+def _prepare(model: str, folder: Path, batches: int, device: str, run: str, epochs: int = 2):
+    overrides = [f"trainer.experiment.max_epochs.{epochs}", f"trainer.generic.max_epochs.{epochs}"]
     if batches:
         overrides.append(f"trainer.experiment.limit_train_batches.{batches}")
     if device == "cuda":
@@ -117,52 +123,71 @@ def _prepare(model: str, folder: Path, batches: int, device: str, run: str):
     )
 
 
-def end_to_end(model: str, folder: Path, batches: int, device: str, run: str) -> dict:
-    """(a) and (b): a fresh runner run of two epochs; seconds per structure of each epoch."""
-    prepared = _prepare(model, folder, batches, device, run)
-    clock = EpochClock()
-    prepared.trainer.callbacks.append(clock)
-    prepared.trainer.fit(prepared.task, datamodule=prepared.datamodule)
-    (cold_s, cold_n, cold_b), (warm_s, warm_n, warm_b) = clock.epochs[:2]
-    return {
-        "cold": cold_s / cold_n,
-        "warm": warm_s / warm_n,
-        "warm_per_batch": warm_s / warm_b,
-        "prepared": prepared,
-    }
-
-
-def hand_loop(prepared, batches: int, device: str) -> float:
-    """(c): seconds per structure of a plain loop over batches already in memory."""
-    task = prepared.task
-    loader = prepared.datamodule.train_dataloader()
+def collated_batches(datamodule, batches: int, device: str) -> list:
+    """The batches of one pass over the training loader, collated (and on the device) before any timing."""
+    loader = datamodule.train_dataloader()
     loader.set_epoch(1)
     data = []
     for k, batch in enumerate(loader):
         if batches and k >= batches:
             break
         data.append(batch)
-    target = torch.device("cuda" if device == "cuda" else "cpu")
-    if target.type == "cuda":
+    if device == "cuda":
         from lightning.fabric.utilities.apply_func import move_data_to_device
 
-        data = [move_data_to_device(b, target) for b in data]
-    task.to(target)
+        data = [move_data_to_device(b, torch.device("cuda")) for b in data]
+    return data
+
+
+def task_copy(task):
+    """A new task with ``task``'s hyperparameters and weights (no trainer, no hooks of callbacks on it)."""
+    try:
+        fresh = type(task)(**dict(task.hparams))
+        fresh.load_state_dict(task.state_dict())
+    except Exception:  # noqa: BLE001 - a task that cannot be rebuilt from its hyperparameters
+        fresh = copy.deepcopy(task)
+        for module in fresh.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+    return fresh.to(task.device)
+
+
+def hand_loop(task, data: list, device: str) -> float:
+    """(c): seconds per structure of a plain loop over batches already in memory."""
     task.train()
     config = task.configure_optimizers()
     optimizer = (
         config["optimizer"] if isinstance(config, dict) else config[0][0] if isinstance(config, tuple) else config
     )
     structures = sum(int(b["batch_size"]) for b in data)
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for batch in data:
         optimizer.zero_grad(set_to_none=True)
         loss = task.compute_losses(batch)["loss"]
         loss.backward()
         optimizer.step()
-    if target.type == "cuda":
+    if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / structures
+
+
+def end_to_end(model: str, folder: Path, batches: int, device: str, run: str, warm_epochs: int = 3) -> dict:
+    """(a), (b) and (c): a fresh runner run of ``1 + warm_epochs`` epochs, then as many floors; seconds per structure."""
+    prepared = _prepare(model, folder, batches, device, run, epochs=1 + warm_epochs)
+    clock = EpochClock()
+    prepared.trainer.callbacks.append(clock)
+    prepared.trainer.fit(prepared.task, datamodule=prepared.datamodule)
+    times = [s / n for s, n, _ in clock.epochs]
+    data = collated_batches(prepared.datamodule, batches, device)
+    task = task_copy(prepared.task)
+    return {
+        "cold": times[0],
+        "warm": times[1:],
+        "floor": [hand_loop(task, data, device) for _ in range(1 + warm_epochs)],
+        "warm_per_batch": [s / b for s, _, b in clock.epochs[1:]],
+    }
 
 
 def loader_passes(folder: Path, run: str) -> tuple[float, float, float]:
@@ -182,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are reported)")
     parser.add_argument("--batches", type=int, default=0, help="training batches per epoch (0: the whole epoch)")
+    parser.add_argument("--warm-epochs", type=int, default=3, help="epochs after the first (each paired with a floor)")
     parser.add_argument("--models", nargs="+", default=["egnn_small", "egnn_dgl"])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--trainer", type=Path, default=None, help="trainer config (default: trainer/devset_cpu.yaml)")
@@ -196,8 +222,10 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, {args.device}")
-    results: dict[str, dict[str, list[float]]] = {m: {"a": [], "b": [], "c": [], "wb": []} for m in args.models}
-    loader: dict[str, list[float]] = {"first": [], "second": [], "ratio": []}
+    results: dict[str, dict[str, list[float]]] = {
+        m: {"a": [], "b": [], "c": [], "wb": [], "a/c": [], "b/c": []} for m in args.models
+    }
+    loader: dict[str, list[float]] = {"first": [], "second": [], "ratio": [], "share": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ.setdefault("MATSCIML_CACHE", str(Path.home() / ".cache" / "matsciml"))
@@ -206,37 +234,45 @@ def main() -> None:
             for key, value in zip(("first", "second", "ratio"), (first, second, ratio)):
                 loader[key].append(value)
             for model in args.models:
-                run = end_to_end(model, folder, args.batches, args.device, f"{model}{r}")
-                results[model]["a"].append(run["cold"])
-                results[model]["b"].append(run["warm"])
-                results[model]["wb"].append(run["warm_per_batch"])
-                results[model]["c"].append(hand_loop(run["prepared"], args.batches, args.device))
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
-        data_per_batch = statistics.median(loader["second"])
+                run = end_to_end(model, folder, args.batches, args.device, f"{model}{r}", args.warm_epochs)
+                res = results[model]
+                res["a"].append(run["cold"])
+                res["a/c"].append(run["cold"] / run["floor"][0])
+                for warm, floor, per_batch in zip(run["warm"], run["floor"][1:], run["warm_per_batch"]):
+                    res["b"].append(warm)
+                    res["c"].append(floor)
+                    res["wb"].append(per_batch)
+                    res["b/c"].append(warm / floor)
+                    if model == args.models[0]:
+                        loader["share"].append(second / per_batch)
+            line = ", ".join(
+                f"{m} b/c " + " ".join(f"{v:.3f}" for v in results[m]["b/c"][-args.warm_epochs :]) for m in args.models
+            )
+            print(f"round {r + 1}/{args.rounds} done: {line}", flush=True)
 
     med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in results.items()}
-    print(f"\nmedians of {args.rounds} alternating rounds, structures per second (batch 16, devset)")
+    print(
+        f"\nmedians over {args.rounds} rounds of {args.warm_epochs} warm epochs, structures per second (batch 16, "
+        "devset); ratios: medians of the ratios of each epoch to its floor"
+    )
     print(
         f"{'model':12s} {'(a) end to end':>15s} {'(b) warm cache':>15s} {'(c) hand loop':>14s} {'a/c':>6s} {'b/c':>6s}"
     )
     for model, m in med.items():
-        print(
-            f"{model:12s} {1 / m['a']:15.1f} {1 / m['b']:15.1f} {1 / m['c']:14.1f} "
-            f"{m['a'] / m['c']:6.3f} {m['b'] / m['c']:6.3f}"
-        )
+        print(f"{model:12s} {1 / m['a']:15.1f} {1 / m['b']:15.1f} {1 / m['c']:14.1f} {m['a/c']:6.3f} {m['b/c']:6.3f}")
     first, second = statistics.median(loader["first"]), statistics.median(loader["second"])
     print(
         f"\ndefault experiment's training loader: first pass {1e3 * first:.2f} ms/batch, second pass "
         f"{1e3 * second:.2f} ms/batch, ratio {statistics.median(loader['ratio']):.3f}"
     )
     default = med[args.models[0]]
-    share = data_per_batch / default["wb"]
+    share = statistics.median(loader["share"])
     print(f"data pipeline share of a warm step ({args.models[0]}): {100 * share:.1f} %")
     print(
         json.dumps(
             {
-                "end_to_end_ratio": round(default["a"] / default["c"], 4),
-                "warm_cache_ratio": round(default["b"] / default["c"], 4),
+                "end_to_end_ratio": round(default["a/c"], 4),
+                "warm_cache_ratio": round(default["b/c"], 4),
                 "data_share": round(share, 4),
                 "loader_second_pass_ratio": round(statistics.median(loader["ratio"]), 4),
             }
