@@ -60,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_report import write_report  # noqa: E402
 
+from matsciml.common.atomic import atomic_write_text  # noqa: E402
+
 CONFIGS = ROOT / "experiments" / "configs"
 VARIANTS = ("plain", "ema", "sam", "ema+sam")
 EMA_DEFAULTS = {"decay": 0.99, "warmup": "none"}
@@ -233,15 +235,9 @@ def _claim(out: Path, run: Run) -> bool:
     return False
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -456,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         try:
             record = execute(run, out)
-            _atomic_write(out / "runs" / run.run_id / "result.json", json.dumps(record, indent=1))
+            atomic_write_text(out / "runs" / run.run_id / "result.json", json.dumps(record, indent=1))
         finally:
             (out / "runs" / f".{run.run_id}.claim").unlink(missing_ok=True)
         elapsed = time.perf_counter() - started

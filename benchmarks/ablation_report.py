@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from matsciml.common.atomic import atomic_path, atomic_write_text
 
 __all__ = ["paired_interval", "write_report", "CSV_COLUMNS"]
 
@@ -99,10 +100,16 @@ def _rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Save ``fig`` as ``path`` atomically (a PNG; the temporary name keeps the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -324,10 +331,7 @@ def _chart(rows: list[dict[str, Any]], dataset: str, target: str, path: Path) ->
     right.set_ylabel("validation loss (normalised)")
     right.set_title("EMA (decay 0.99) vs raw weights, one line per seed", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
     return path
 
 
@@ -354,10 +358,7 @@ def _regime_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     axes[0][0].set_ylabel("val loss(raw) - val loss(EMA)\n(> 0: EMA better)")
     fig.suptitle(f"{dataset}: EMA gain per epoch, one line per seed", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
     return path
 
 
