@@ -105,6 +105,7 @@ def test_total_norm_equals_the_norm_of_the_concatenation(norm_type, monkeypatch)
 
     g = torch.Generator().manual_seed(1)
     same = [torch.randn(s, generator=g) for s in [(3, 4), (5,), (2, 2, 2)]]
+    same += [torch.randn(4, 3, generator=g).t(), torch.randn((), generator=g)]  # not contiguous, 0-d
     mixed = [*same, torch.randn(4, generator=g, dtype=torch.float64)]
     for tensors in (same, mixed):
         expected = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]), norm_type)

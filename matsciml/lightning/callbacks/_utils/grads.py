@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors
 from torch.optim import Optimizer
 
 from matsciml.common.errors import MatSciMLError
@@ -142,7 +143,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
 
     The value of :func:`torch.nn.utils.get_total_norm` (to rounding), at less cost: on a
     CPU, tensors of one dtype with at most :data:`CONCAT_LIMIT` elements in all are
-    concatenated and normed in one call (a CPU has no fused multi-tensor norm: one call per
+    flattened into one vector (one call) and normed (a CPU has no fused multi-tensor norm: one call per
     tensor costs more than the copy for a small model); otherwise, on one device and dtype,
     the norm of the per-tensor norms of one ``torch._foreach_norm`` (a fused kernel on an
     accelerator), without ``get_total_norm``'s grouping; mixed lists go to
@@ -152,7 +153,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.zeros(())
     if _same_device_and_dtype(tensors):
         if tensors[0].device.type == "cpu" and sum([t.numel() for t in tensors]) <= CONCAT_LIMIT:
-            return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors]), norm_type)
+            return torch.linalg.vector_norm(_flatten_dense_tensors(tensors), norm_type)
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, norm_type)), norm_type)
     return nn.utils.get_total_norm(tensors, norm_type, foreach=True)
 
