@@ -34,3 +34,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def devset_cache(tmp_path_factory):
+    """``MATSCIML_CACHE`` set to a fresh folder for the tests of a module, restored after them.
+
+    The devset's processed copy and the graph caches go there, never to the user's cache.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MATSCIML_CACHE", str(tmp_path_factory.mktemp("devset")))
+    yield
+    mp.undo()

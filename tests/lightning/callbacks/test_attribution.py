@@ -15,9 +15,7 @@ TARGET = "energy_per_atom"
 
 
 @pytest.fixture(scope="module")
-def task_and_batch(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MATSCIML_CACHE", str(tmp_path_factory.mktemp("devset")))
+def task_and_batch(devset_cache, tmp_path_factory):
     dm = MatSciMLDataModule.from_devset(dset_kwargs={"n": 8}, val_split=0.5, target_keys=[TARGET], batch_size=4)
     dm.setup("fit")
     torch.manual_seed(0)
@@ -29,7 +27,6 @@ def task_and_batch(tmp_path_factory):
     ).eval()
     batch = next(iter(dm.val_dataloader()))
     yield task, batch
-    mp.undo()
 
 
 def test_integrated_gradients_are_complete(task_and_batch):

@@ -60,6 +60,16 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+class TorchEmaOracle(Callback):
+    """torch-ema's average (decay 0.99) of the module's parameters, updated after every batch: the oracle."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.ema = torch_ema.ExponentialMovingAverage(pl_module.parameters(), decay=0.99)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ema.update()
+
+
 class Recorder(Callback):
     """Records the weights at the start (after the first forward pass with lazy modules) and after every step."""
 
@@ -205,13 +215,6 @@ def test_updates_match_hand_written_recurrence(tmp_path, settings, accumulate, l
 
 
 def test_matches_torch_ema_within_1e7_after_100_steps(tmp_path):
-    class TorchEmaOracle(Callback):
-        def on_fit_start(self, trainer, pl_module):
-            self.ema = torch_ema.ExponentialMovingAverage(pl_module.parameters(), decay=0.99)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ema.update()
-
     torch.manual_seed(1)
     module = TinyRegressor()
     oracle = TorchEmaOracle()
@@ -232,14 +235,6 @@ def test_matches_torch_ema_within_1e7_after_100_steps(tmp_path):
 
 def test_matches_torch_ema_within_1e7_after_100_steps_float64(tmp_path):
     """In float64 rounding is far below the tolerance: the absolute 1e-7 bound holds as stated."""
-
-    class TorchEmaOracle(Callback):
-        def on_fit_start(self, trainer, pl_module):
-            self.ema = torch_ema.ExponentialMovingAverage(pl_module.parameters(), decay=0.99)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ema.update()
-
     torch.manual_seed(1)
     module = TinyRegressor().double()
     oracle = TorchEmaOracle()
@@ -684,7 +679,7 @@ def test_yaml_lightning_cli():
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--callbacks", type=list[Callback])
     config = parser.parse_object(yaml.safe_load(YAML_BLOCK))
-    callback = parser.instantiate_classes(config).callbacks[0]
+    callback = parser.instantiate(config).callbacks[0]
     assert isinstance(callback, ExponentialMovingAverageCallback) and callback.decay == 0.999
 
 

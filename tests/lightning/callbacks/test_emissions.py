@@ -50,14 +50,6 @@ def column(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
 
 
-@pytest.fixture(scope="module")
-def devset(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MATSCIML_CACHE", str(tmp_path_factory.mktemp("devset")))
-    yield
-    mp.undo()
-
-
 def fit(root: Path, callbacks: list, epochs: int) -> None:
     task = ScalarRegressionTask(encoder_class="PLEGNNBackbone", encoder_kwargs=tiny_egnn_kwargs(depth=1),
                                 task_keys=[TARGET], lr=0.01)  # fmt: skip
@@ -66,7 +58,7 @@ def fit(root: Path, callbacks: list, epochs: int) -> None:
     make_trainer(root, callbacks, logger=logger, max_epochs=epochs).fit(task, datamodule=dm)
 
 
-def test_epochs_add_up_and_total_is_energy_times_intensity(devset, tmp_path):
+def test_epochs_add_up_and_total_is_energy_times_intensity(devset_cache, tmp_path):
     callback = CodeCarbonCallback(country_iso_code="USA", measure_power_secs=1)
     fit(tmp_path, [callback], epochs=3)
     assert callback.tracker is None  # stopped at fit end
@@ -105,7 +97,7 @@ class Fail(Callback):
         raise RuntimeError("planted failure")
 
 
-def test_a_failed_run_stops_the_tracker_and_logs_its_total(devset, tmp_path):
+def test_a_failed_run_stops_the_tracker_and_logs_its_total(devset_cache, tmp_path):
     callback = CodeCarbonCallback(measure_power_secs=1)
     with pytest.raises(RuntimeError, match="planted"):
         fit(tmp_path, [callback, Fail()], epochs=2)

@@ -72,12 +72,10 @@ def make_datamodule() -> MatSciMLDataModule:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(devset_cache, tmp_path_factory):
     """One 3-epoch run with every stage, listed in reverse order, plus EMA and probes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MATSCIML_CACHE", str(tmp_path_factory.mktemp("devset")))
     root = tmp_path_factory.mktemp("run")
     config = {"model": {"lr": 0.01, "encoder_class": "PLEGNNBackbone"}, "run": {"seed": 7}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
@@ -132,7 +130,6 @@ def run(tmp_path_factory):
         "checkpoint": state,
         "warnings": [str(w.message) for w in caught],
     }
-    mp.undo()
     torch.set_num_threads(threads)
 
 

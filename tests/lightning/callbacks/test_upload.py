@@ -103,14 +103,6 @@ def mlflow_server(tmp_path_factory, quiet_env):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def devset(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MATSCIML_CACHE", str(tmp_path_factory.mktemp("devset")))
-    yield
-    mp.undo()
-
-
 def make_task() -> ScalarRegressionTask:
     return ScalarRegressionTask(
         encoder_class="PLEGNNBackbone",
@@ -170,7 +162,7 @@ def download(client: MlflowClient, run_id: str, artifact: str, dest: Path) -> Pa
 
 # ----------------------------------------------------------------------------- MLflow: a finished run
 @pytest.fixture(scope="module")
-def mlflow_run(mlflow_server, devset, tmp_path_factory):
+def mlflow_run(mlflow_server, devset_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("run_mlflow")
     (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
     pl.seed_everything(3, verbose=False)
@@ -248,7 +240,7 @@ class FailingIsolated(IsolatedCallback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["training", "isolated_callback"])
-def test_failed_run_uploads_the_error_checkpoint(where, mlflow_server, devset, tmp_path):
+def test_failed_run_uploads_the_error_checkpoint(where, mlflow_server, devset_cache, tmp_path):
     root = tmp_path / "run"
     ema = ExponentialMovingAverageCallback(decay=0.6)
     probe = EMAProbe(ema, fail_at_step=3 if where == "training" else None)
@@ -312,7 +304,7 @@ def read_wandb_records(path: Path) -> list:
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_records_the_checkpoint_artifact(devset, tmp_path, monkeypatch):
+def test_wandb_offline_run_records_the_checkpoint_artifact(devset_cache, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="pip install 'matsciml[tracking]'")
     import wandb
 
@@ -370,7 +362,7 @@ def test_importing_the_callbacks_loads_no_tracker_library():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-def test_without_tracker_logger_it_warns_and_uploads_nothing(devset, tmp_path):
+def test_without_tracker_logger_it_warns_and_uploads_nothing(devset_cache, tmp_path):
     upload = UploadCheckpoint()
     trainer = make_trainer(tmp_path, [upload], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     with pytest.warns(UserWarning, match="no MLFlowLogger or WandbLogger"):
