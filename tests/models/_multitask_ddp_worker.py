@@ -26,15 +26,7 @@ SIZES = {0: [(3, 2), (2, 0), (3, 3), (2, 2)], 1: [(2, 3), (3, 2), (2, 0), (3, 2)
 def rank_batches(rank: int) -> list[dict]:
     a = helpers.samples(20, ("y",), seed=10 + rank)
     b = helpers.samples(20, ("u", "v"), seed=20 + rank)
-    out, i, j = [], 0, 0
-    for na, nb in SIZES[rank]:
-        batch = {"a": helpers.stack(a[i : i + na])}
-        if nb:
-            batch["b"] = helpers.stack(b[j : j + nb])
-        batch["batch_size"] = na + nb
-        out.append(batch)
-        i, j = i + na, j + nb
-    return out
+    return helpers.pair_batches(SIZES[rank], a, b)
 
 
 def make_module():

@@ -48,6 +48,22 @@ def stack(samples_: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def pair_batches(sizes: list[tuple[int, int]], a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict]:
+    """Batches of the two-pair module: ``(n_a, n_b)`` samples of pairs ``"a"`` and ``"b"`` per batch, taken in order.
+
+    A pair with no sample in a batch is absent from it (not an empty entry).
+    """
+    batches, i, j = [], 0, 0
+    for na, nb in sizes:
+        batch = {"a": stack(a[i : i + na])}
+        if nb:
+            batch["b"] = stack(b[j : j + nb])
+        batch["batch_size"] = na + nb
+        batches.append(batch)
+        i, j = i + na, j + nb
+    return batches
+
+
 def scalar_task(keys: list[str], seed: int, **kwargs: Any):
     from matsciml.models.base import ScalarRegressionTask
 

@@ -151,14 +151,7 @@ def test_multitask_registers_a_pair_first_seen_between_logging_steps(tmp_path):
     a = mt.samples(20, ("y",), seed=2)
     b = mt.samples(12, ("u", "v"), seed=3)
     sizes = [(3, 0), (2, 4), (4, 0), (3, 3), (1, 3), (2, 0), (3, 1), (2, 1)]  # the last two: validation
-    batches, i, j = [], 0, 0
-    for na, nb in sizes:
-        batch = {"a": mt.stack(a[i : i + na])}
-        if nb:
-            batch["b"] = mt.stack(b[j : j + nb])
-        batch["batch_size"] = na + nb
-        batches.append(batch)
-        i, j = i + na, j + nb
+    batches = mt.pair_batches(sizes, a, b)
     train, val = batches[:6], batches[6:]
     first = mt.scalar_task(["y"], 0, lr=0.0, normalize_kwargs={"y_mean": 0.3, "y_std": 2.0})
     second = mt.scalar_task(["u", "v"], 1, lr=0.0, loss_func="L1Loss", normalize_kwargs={"u_std": 1.0, "v_std": 1.0})

@@ -194,15 +194,7 @@ def _feature_batches() -> list[dict]:
     a = helpers.samples(16, ("y",), seed=2)
     b = helpers.samples(12, ("u", "v"), seed=3)
     sizes = [(3, 2), (2, 4), (4, 0), (3, 3), (4, 3)]  # the third batch has no "b" structures
-    batches, i, j = [], 0, 0
-    for na, nb in sizes:
-        batch = {"a": helpers.stack(a[i : i + na])}
-        if nb:
-            batch["b"] = helpers.stack(b[j : j + nb])
-        batch["batch_size"] = na + nb
-        batches.append(batch)
-        i, j = i + na, j + nb
-    return batches
+    return helpers.pair_batches(sizes, a, b)
 
 
 def test_sam_matches_hand_written_algorithm_fp64(tmp_path):
