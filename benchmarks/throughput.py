@@ -21,7 +21,13 @@ second of the training part of an epoch (validation excluded):
 (c) **floor**: a hand-written PyTorch loop over the same batches already collated in
     memory: the same task (a copy with the same weights, ``task.compute_losses``), the
     same AdamW optimizer, ``zero_grad``/``backward``/``step``, no Lightning, no data
-    pipeline; once per epoch of the run, right after it (a, b, b, b, c, c, c, c).
+    pipeline; once per epoch of the run, right after it (a, b, b, b, c, c, c, c);
+(d) **Lightning's floor**: Lightning's own training loop over the same batches in memory,
+    nothing of this project around it: a ``Trainer`` without callbacks, logger, progress
+    bar or checkpointing fitting a ``LightningModule`` whose ``training_step`` returns
+    ``task.compute_losses(batch)["loss"]`` (same task copy, same optimizer), as many epochs
+    as the run; its later epochs over the floors give ``(d)/(c)``, what the framework
+    itself costs, and ``(b)/(d)``, what this project adds on top of it.
 
 Also measured: one pass over the training loader of a fresh data module of the
 default experiment, twice (cold, then warm cache), and the **data share**: the warm
@@ -36,7 +42,8 @@ Also printed: the fastest warm epoch over the fastest floor of all rounds
 (``warm_cache_ratio_best``; a shared machine only ever adds time to a run, so the
 minima are the least disturbed measurements of each). The last line is JSON for the
 default experiment: ``{"end_to_end_ratio": ..., "warm_cache_ratio": ...,
-"warm_cache_ratio_best": ..., "data_share": ..., "loader_second_pass_ratio": ...}``.
+"warm_cache_ratio_best": ..., "lightning_floor_ratio": ..., "data_share": ...,
+"loader_second_pass_ratio": ...}`` (``lightning_floor_ratio`` is the median ``(d)/(c)``).
 With ``--device cuda`` (and a GPU) the runs train on the GPU with 4 loader workers and pinned memory.
 """
 
@@ -154,13 +161,16 @@ def task_copy(task):
     return fresh.to(task.device)
 
 
+def task_optimizer(task) -> torch.optim.Optimizer:
+    """The optimizer of ``task.configure_optimizers()`` (its scheduler, if any, is left out)."""
+    config = task.configure_optimizers()
+    return config["optimizer"] if isinstance(config, dict) else config[0][0] if isinstance(config, tuple) else config
+
+
 def hand_loop(task, data: list, device: str) -> float:
     """(c): seconds per structure of a plain loop over batches already in memory."""
     task.train()
-    config = task.configure_optimizers()
-    optimizer = (
-        config["optimizer"] if isinstance(config, dict) else config[0][0] if isinstance(config, tuple) else config
-    )
+    optimizer = task_optimizer(task)
     structures = sum(int(b["batch_size"]) for b in data)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -175,8 +185,54 @@ def hand_loop(task, data: list, device: str) -> float:
     return (time.perf_counter() - start) / structures
 
 
+class BareStep(pl.LightningModule):
+    """A ``LightningModule`` around a task: ``training_step`` is ``compute_losses``'s loss, nothing else."""
+
+    def __init__(self, task) -> None:
+        super().__init__()
+        self.task = task
+
+    def training_step(self, batch, batch_idx):
+        return self.task.compute_losses(batch)["loss"]
+
+    def configure_optimizers(self):
+        return task_optimizer(self.task)
+
+
+class InMemory:
+    """The batches of one epoch, in memory, for ``Trainer.fit`` (no data pipeline)."""
+
+    def __init__(self, data: list) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def lightning_floor(task, data: list, device: str, epochs: int) -> list[float]:
+    """(d): seconds per structure of each epoch of a bare ``Trainer`` over batches already in memory."""
+    clock = EpochClock()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(BareStep(task), train_dataloaders=InMemory(data))
+    return [s / n for s, n, _ in clock.epochs]
+
+
 def end_to_end(model: str, folder: Path, batches: int, device: str, run: str, warm_epochs: int = 3) -> dict:
-    """(a), (b) and (c): a fresh runner run of ``1 + warm_epochs`` epochs, then as many floors; seconds per structure."""
+    """(a)-(d): a fresh runner run of ``1 + warm_epochs`` epochs, then as many floors of each kind; s per structure."""
     prepared = _prepare(model, folder, batches, device, run, epochs=1 + warm_epochs)
     clock = EpochClock()
     prepared.trainer.callbacks.append(clock)
@@ -188,6 +244,7 @@ def end_to_end(model: str, folder: Path, batches: int, device: str, run: str, wa
         "cold": times[0],
         "warm": times[1:],
         "floor": [hand_loop(task, data, device) for _ in range(1 + warm_epochs)],
+        "lightning": lightning_floor(task_copy(prepared.task), data, device, 1 + warm_epochs),
         "warm_per_batch": [s / b for s, _, b in clock.epochs[1:]],
     }
 
@@ -225,7 +282,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     print(f"torch {torch.__version__}, lightning {pl.__version__}, threads {torch.get_num_threads()}, {args.device}")
     results: dict[str, dict[str, list[float]]] = {
-        m: {"a": [], "b": [], "c": [], "wb": [], "a/c": [], "b/c": []} for m in args.models
+        m: {"a": [], "b": [], "c": [], "d": [], "wb": [], "a/c": [], "b/c": [], "d/c": [], "b/d": []}
+        for m in args.models
     }
     loader: dict[str, list[float]] = {"first": [], "second": [], "ratio": [], "share": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,9 +298,14 @@ def main() -> None:
                 res = results[model]
                 res["a"].append(run["cold"])
                 res["a/c"].append(run["cold"] / run["floor"][0])
-                for warm, floor, per_batch in zip(run["warm"], run["floor"][1:], run["warm_per_batch"]):
+                for warm, floor, bare, per_batch in zip(
+                    run["warm"], run["floor"][1:], run["lightning"][1:], run["warm_per_batch"]
+                ):
                     res["b"].append(warm)
                     res["c"].append(floor)
+                    res["d"].append(bare)
+                    res["d/c"].append(bare / floor)
+                    res["b/d"].append(warm / bare)
                     res["wb"].append(per_batch)
                     res["b/c"].append(warm / floor)
                     if model == args.models[0]:
@@ -258,10 +321,14 @@ def main() -> None:
         "devset); ratios: medians of the ratios of each epoch to its floor"
     )
     print(
-        f"{'model':12s} {'(a) end to end':>15s} {'(b) warm cache':>15s} {'(c) hand loop':>14s} {'a/c':>6s} {'b/c':>6s}"
+        f"{'model':12s} {'(a) end to end':>15s} {'(b) warm cache':>15s} {'(c) hand loop':>14s} "
+        f"{'(d) Lightning':>14s} {'a/c':>6s} {'b/c':>6s} {'d/c':>6s} {'b/d':>6s}"
     )
     for model, m in med.items():
-        print(f"{model:12s} {1 / m['a']:15.1f} {1 / m['b']:15.1f} {1 / m['c']:14.1f} {m['a/c']:6.3f} {m['b/c']:6.3f}")
+        print(
+            f"{model:12s} {1 / m['a']:15.1f} {1 / m['b']:15.1f} {1 / m['c']:14.1f} {1 / m['d']:14.1f} "
+            f"{m['a/c']:6.3f} {m['b/c']:6.3f} {m['d/c']:6.3f} {m['b/d']:6.3f}"
+        )
     best = {m: min(d["b"]) / min(d["c"]) for m, d in results.items()}
     print(
         "best of all epochs (the fastest warm epoch over the fastest floor; other processes only ever add time): "
@@ -281,6 +348,7 @@ def main() -> None:
                 "end_to_end_ratio": round(default["a/c"], 4),
                 "warm_cache_ratio": round(default["b/c"], 4),
                 "warm_cache_ratio_best": round(best[args.models[0]], 4),
+                "lightning_floor_ratio": round(default["d/c"], 4),
                 "data_share": round(share, 4),
                 "loader_second_pass_ratio": round(statistics.median(loader["ratio"]), 4),
             }
