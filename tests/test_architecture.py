@@ -21,8 +21,6 @@ CALLBACK_SUPPORT = ("_utils", "_base")
 CALLBACK_INDEX = ("__init__", "builder")
 
 MAX_LINES = 600
-#: Modules allowed above ``MAX_LINES`` (none: split a module by responsibility instead).
-LINE_ALLOWLIST: set[str] = set()
 
 
 def module_name(path: Path) -> str:
@@ -188,6 +186,4 @@ def test_callback_support_layers_import_no_callback():
 def test_module_size(path):
     rel = str(path.relative_to(ROOT))
     lines = len(path.read_text().splitlines())
-    if rel in LINE_ALLOWLIST:
-        pytest.skip(f"{rel}: {lines} lines, allowed until it is split")
     assert lines <= MAX_LINES, f"{rel} has {lines} lines (at most {MAX_LINES}): split it by responsibility"
