@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def draw_structure(
     ax.set_xlabel("x (Å)")
     ax.set_ylabel("y (Å)")
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_title(title, fontsize=9)
+    # over the whole figure (the colour bar included) and wrapped, so a long title is never cut off
+    fig.suptitle("\n".join(textwrap.fill(line, 60) for line in title.splitlines()), fontsize=9)
     fig.tight_layout()
     return fig
 
