@@ -148,8 +148,8 @@ def collated_batches(datamodule, batches: int, device: str) -> list:
     return data
 
 
-def task_copy(task):
-    """A new task with ``task``'s hyperparameters and weights (no trainer, no hooks of callbacks on it)."""
+def task_copy(task, device: str = "cpu"):
+    """A new task on ``device`` with ``task``'s hyperparameters and weights (no trainer, no callbacks' hooks on it)."""
     try:
         fresh = type(task)(**dict(task.hparams))
         fresh.load_state_dict(task.state_dict())
@@ -158,7 +158,7 @@ def task_copy(task):
         for module in fresh.modules():
             module._forward_hooks.clear()
             module._forward_pre_hooks.clear()
-    return fresh.to(task.device)
+    return fresh.to(device)
 
 
 def task_optimizer(task) -> torch.optim.Optimizer:
@@ -239,12 +239,12 @@ def end_to_end(model: str, folder: Path, batches: int, device: str, run: str, wa
     prepared.trainer.fit(prepared.task, datamodule=prepared.datamodule)
     times = [s / n for s, n, _ in clock.epochs]
     data = collated_batches(prepared.datamodule, batches, device)
-    task = task_copy(prepared.task)
+    task = task_copy(prepared.task, device)
     return {
         "cold": times[0],
         "warm": times[1:],
         "floor": [hand_loop(task, data, device) for _ in range(1 + warm_epochs)],
-        "lightning": lightning_floor(task_copy(prepared.task), data, device, 1 + warm_epochs),
+        "lightning": lightning_floor(task_copy(prepared.task, device), data, device, 1 + warm_epochs),
         "warm_per_batch": [s / b for s, _, b in clock.epochs[1:]],
     }
 
