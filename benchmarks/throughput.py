@@ -44,7 +44,9 @@ minima are the least disturbed measurements of each). The last line is JSON for 
 default experiment: ``{"end_to_end_ratio": ..., "warm_cache_ratio": ...,
 "warm_cache_ratio_best": ..., "lightning_floor_ratio": ..., "data_share": ...,
 "loader_second_pass_ratio": ...}`` (``lightning_floor_ratio`` is the median ``(d)/(c)``).
-With ``--device cuda`` (and a GPU) the runs train on the GPU with 4 loader workers and pinned memory.
+With ``--device cuda`` (and a GPU) the runs train on the GPU with the runner's loader settings for a GPU
+(pinned memory; worker processes unless the graph cache holds the whole data set, see
+``matsciml.runner.loader_defaults``); ``--workers N`` sets the number of loader workers instead.
 """
 
 from __future__ import annotations
@@ -114,16 +116,17 @@ def _experiment(model: str, folder: Path) -> Path:
 TRAINER = CONFIGS / "trainer" / "devset_cpu.yaml"
 
 
+WORKERS: int | None = None  # --workers: loader worker processes (None: the runner's choice)
+
+
 def _prepare(model: str, folder: Path, batches: int, device: str, run: str, epochs: int = 2):
     overrides = [f"trainer.experiment.max_epochs.{epochs}", f"trainer.generic.max_epochs.{epochs}"]
     if batches:
         overrides.append(f"trainer.experiment.limit_train_batches.{batches}")
     if device == "cuda":
-        overrides += [
-            "trainer.experiment.accelerator.gpu",
-            "dataset.experiment.num_workers.4",
-            "dataset.experiment.pin_memory.true",
-        ]
+        overrides.append("trainer.experiment.accelerator.gpu")
+    if WORKERS is not None:
+        overrides.append(f"dataset.experiment.num_workers.{WORKERS}")
     return prepare_experiment(
         _experiment(model, folder),
         TRAINER,
@@ -245,6 +248,7 @@ def end_to_end(model: str, folder: Path, batches: int, device: str, run: str, wa
         "warm": times[1:],
         "floor": [hand_loop(task, data, device) for _ in range(1 + warm_epochs)],
         "lightning": lightning_floor(task_copy(prepared.task, device), data, device, 1 + warm_epochs),
+        "workers": prepared.datamodule.num_workers,
         "warm_per_batch": [s / b for s, _, b in clock.epochs[1:]],
     }
 
@@ -270,8 +274,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["egnn_small", "egnn_dgl"])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--trainer", type=Path, default=None, help="trainer config (default: trainer/devset_cpu.yaml)")
+    parser.add_argument("--workers", type=int, default=None, help="loader worker processes (default: the runner's)")
     args = parser.parse_args()
-    global TRAINER
+    global TRAINER, WORKERS
+    WORKERS = args.workers
     if args.trainer is not None:
         TRAINER = args.trainer
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -295,6 +301,7 @@ def main() -> None:
                 loader[key].append(value)
             for model in args.models:
                 run = end_to_end(model, folder, args.batches, args.device, f"{model}{r}", args.warm_epochs)
+                print(f"{model}: {run['workers']} loader worker process(es)", flush=True)
                 res = results[model]
                 res["a"].append(run["cold"])
                 res["a/c"].append(run["cold"] / run["floor"][0])

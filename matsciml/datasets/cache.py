@@ -59,6 +59,7 @@ __all__ = [
     "cache_boundary",
     "cache_key",
     "prepare_columns_for",
+    "held_for_columns",
     "sample_nbytes",
     "attach_graph_cache",
 ]
@@ -419,6 +420,25 @@ def prepare_columns_for(dataset: Any) -> bool:
     if not isinstance(cache, GraphCache):
         return False
     return cache.prepare_columns(dataset, range(len(dataset)) if indices is None else indices)
+
+
+def held_for_columns(dataset: Any) -> bool:
+    """Whether the memory graph cache of ``dataset`` already holds all of it, small enough for columns.
+
+    True when every structure of ``dataset`` is in its in-memory cache, no transform runs
+    after the cache, and the cache holds at most
+    :data:`~matsciml.datasets.columns.COLUMNS_MAX_BYTES`: a loader in the training process
+    then gathers its batches from columns (:mod:`~matsciml.datasets.columns`) after its
+    first pass, with no per-structure work left for worker processes to share.
+    """
+    from matsciml.datasets.columns import COLUMNS_MAX_BYTES
+
+    cache = getattr(dataset, "graph_cache", None)
+    if not isinstance(cache, GraphCache) or cache.disk is not None or cache.full:
+        return False
+    if dataset.transforms[cache.boundary :] or cache.memory_bytes > COLUMNS_MAX_BYTES:
+        return False
+    return all(dataset._record_index(i) in cache.memory for i in range(len(dataset)))
 
 
 def attach_graph_cache(dataset: Any, config: GraphCacheConfig | Any, num_workers: int = 0) -> GraphCache | None:

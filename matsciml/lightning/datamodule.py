@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError
+from matsciml.common.plain import to_plain
 from matsciml.lightning.loaders import ResumableDataLoader
 from matsciml.lightning.splits import _parse_split, fractional_split
 
@@ -66,16 +67,7 @@ def _names_parameter(func: Any, name: str) -> bool:
 
 def _plain(value: Any) -> Any:
     """Plain-data copy of a hyperparameter; objects are recorded by their class's import path."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    cls = value if isinstance(value, type) else type(value)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return to_plain(value, other=lambda v: f"{type(v).__module__}.{type(v).__qualname__}")
 
 
 def _base(dataset: Any) -> Any:
@@ -193,6 +185,11 @@ class MatSciMLDataModule(LightningDataModule):
         ``"memory"`` (default: neighbour lists and graphs computed once per structure and
         kept in memory, up to 2048 MiB), ``"disk"`` (an LMDB file reused by later runs),
         ``"off"``, or a mapping of options (``{mode: disk, cache_dir: ..., workers: 8}``).
+    in_process_if_cached
+        With ``num_workers > 0``: load in the training process after all when, at
+        ``setup``, the memory cache holds every structure within the columns limit
+        (:func:`~matsciml.datasets.cache.held_for_columns`); gathering a batch then costs
+        less than receiving it from a worker. The runner sets it on a GPU.
 
     Raises
     ------
@@ -233,6 +230,7 @@ class MatSciMLDataModule(LightningDataModule):
         drop_last: bool = False,
         pin_memory: bool = False,
         graph_cache: str | Mapping[str, Any] | bool | None = "memory",
+        in_process_if_cached: bool = False,
     ) -> None:
         super().__init__()
         from matsciml.datasets.cache import GraphCacheConfig
@@ -267,6 +265,7 @@ class MatSciMLDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.in_process_if_cached = bool(in_process_if_cached)
         self._target_keys = list(target_keys) if target_keys is not None else None
         self._use_devset = False
         self._datasets: dict[str, Any] | None = None
@@ -292,6 +291,7 @@ class MatSciMLDataModule(LightningDataModule):
                     "drop_last": drop_last,
                     "pin_memory": pin_memory,
                     "graph_cache": self.graph_cache.as_dict(),
+                    "in_process_if_cached": self.in_process_if_cached,
                 }
             )
         )
@@ -423,10 +423,16 @@ class MatSciMLDataModule(LightningDataModule):
             built["predict"] = built[self.predict_split]
         self._datasets = built
         self._validate()
-        from matsciml.datasets.cache import attach_graph_cache
+        from matsciml.datasets.cache import attach_graph_cache, held_for_columns
 
-        for base in {id(_base(d)): _base(d) for d in built.values()}.values():
+        bases = {id(_base(d)): _base(d) for d in built.values()}.values()
+        for base in bases:
             attach_graph_cache(base, self.graph_cache, self.num_workers)
+        if self.in_process_if_cached and self.num_workers and all(held_for_columns(b) for b in bases):
+            rank_zero_info(
+                f"the graph cache holds every structure: loading in this process, not in {self.num_workers} workers"
+            )
+            self.num_workers, self.persistent_workers = 0, False
 
     def _validate(self) -> None:
         keys = self.target_keys

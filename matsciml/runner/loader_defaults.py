@@ -7,6 +7,10 @@ Rules (``num_workers: auto`` in a dataset config asks for them explicitly):
   makes the loader cheap after the first epoch, and worker processes would take cores
   from the model itself.
 * ``persistent_workers``: ``True`` when there are workers (no process start per epoch).
+* ``in_process_if_cached``: ``True`` with workers chosen here: when the memory graph cache
+  holds the whole data set within the columns limit, the data module loads in the training
+  process after all (a batch gathered from columns costs less than one received from a
+  worker and pinned; see :class:`~matsciml.lightning.MatSciMLDataModule`).
 * ``pin_memory``: ``True`` when training on a GPU (page-locked batches; Lightning then
   copies them to the device with ``non_blocking=True``).
 
@@ -69,11 +73,14 @@ def machine_loader_defaults(gpu: bool, devices: int = 1, cpus: int | None = None
 
 
 def apply_loader_defaults(kwargs: dict[str, Any], trainer_args: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``num_workers`` (absent or ``"auto"``), ``persistent_workers`` and ``pin_memory`` (absent) in place."""
+    """Fill ``num_workers`` (absent or ``"auto"``; then also ``in_process_if_cached``), ``persistent_workers`` and
+    ``pin_memory`` (absent) in place."""
     gpu = uses_gpu(trainer_args)
     defaults = machine_loader_defaults(gpu, _devices(trainer_args) if gpu else 1)
     if kwargs.get("num_workers", "auto") == "auto":
         kwargs["num_workers"] = defaults["num_workers"]
         kwargs.setdefault("persistent_workers", defaults["persistent_workers"])
+        if defaults["num_workers"]:
+            kwargs.setdefault("in_process_if_cached", True)
     kwargs.setdefault("pin_memory", defaults["pin_memory"])
     return kwargs

@@ -17,7 +17,13 @@ from torch_geometric.data import Batch
 
 from matsciml.common.errors import ConfigError, DataError
 from matsciml.datasets import StructureDataset
-from matsciml.datasets.cache import GraphCacheConfig, attach_graph_cache, cache_boundary, cache_key
+from matsciml.datasets.cache import (
+    GraphCacheConfig,
+    attach_graph_cache,
+    cache_boundary,
+    cache_key,
+    held_for_columns,
+)
 from matsciml.datasets.collate import batch_to_device, collate_graphs, collate_samples
 from matsciml.datasets.disk_cache import DiskGraphStore
 from matsciml.datasets.readers.lmdb_format import close_env
@@ -344,7 +350,9 @@ def test_concurrent_builders_share_one_file(tmp_path):
     """Two processes (as two DDP ranks) start building the same cache at once: one builds, the other waits."""
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    # fresh interpreters, as two ranks are: a forked child can inherit the state of a thread pool or an
+    # open LMDB environment of an earlier test in this process and hang
+    context = multiprocessing.get_context("spawn")
     start, queue = context.Barrier(2), context.Queue()
     procs = [context.Process(target=_build_in_child, args=(str(tmp_path), start, queue)) for _ in range(2)]
     for proc in procs:
@@ -442,3 +450,20 @@ def test_samples_that_do_not_fit_one_layout_keep_the_per_sample_collate(monkeypa
     assert not cache.prepare_columns(rattled, range(12))
     monkeypatch.setattr(cols, "COLUMNS_MAX_BYTES", 1)
     assert not dataset.graph_cache.prepare_columns(dataset, range(12))
+
+
+def test_held_for_columns_needs_every_structure_no_tail_transform_and_the_size_limit(monkeypatch):
+    from matsciml.datasets import columns
+
+    dataset = StructureDataset.from_devset(transforms=_transforms(3.3), n=10)
+    assert not held_for_columns(dataset)  # no cache yet
+    attach_graph_cache(dataset, {"mode": "memory", "progress": False})
+    dataset[0]
+    assert not held_for_columns(dataset)  # one structure of ten
+    dataset.graph_cache.fill(dataset, progress=False)
+    assert held_for_columns(dataset)
+    monkeypatch.setattr(columns, "COLUMNS_MAX_BYTES", dataset.graph_cache.memory_bytes - 1)
+    assert not held_for_columns(dataset)
+    rattled = StructureDataset.from_devset(transforms=[*_transforms(3.3), Rattle()], n=10)
+    attach_graph_cache(rattled, {"mode": "memory", "eager": True, "progress": False})
+    assert len(rattled.graph_cache.memory) == 10 and not held_for_columns(rattled)

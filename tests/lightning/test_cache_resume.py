@@ -29,7 +29,7 @@ def _task():
     )
 
 
-def _data(graph_cache: str, num_workers: int = 0) -> MatSciMLDataModule:
+def _data(graph_cache: str, num_workers: int = 0, in_process_if_cached: bool = False) -> MatSciMLDataModule:
     transforms = [PeriodicPropertiesTransform(3.3, adaptive_cutoff=True), PointCloudToGraphTransform("pyg")]
     return MatSciMLDataModule.from_devset(
         dset_kwargs={"n": 24, "transforms": transforms},
@@ -40,6 +40,7 @@ def _data(graph_cache: str, num_workers: int = 0) -> MatSciMLDataModule:
         graph_cache=graph_cache,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        in_process_if_cached=in_process_if_cached,
     )
 
 
@@ -99,3 +100,17 @@ def test_resume_with_cache_and_workers_is_bitwise_equal(runs, tmp_path):
     dm = _data("memory", num_workers=2)
     _same(_fit(tmp_path, dm, ckpt=ckpt), runs["with"])
     assert len(dm.datasets["train"].dataset.graph_cache.memory) == 24
+
+
+def test_workers_give_way_to_the_training_process_when_the_cache_holds_everything(runs, tmp_path):
+    """``in_process_if_cached`` (the runner's choice on a GPU): the same weights, loaded in this process."""
+    dm = _data("memory", num_workers=2, in_process_if_cached=True)
+    _same(_fit(tmp_path, dm), runs["with"])
+    assert (dm.num_workers, dm.persistent_workers) == (0, False)
+
+
+def test_workers_stay_when_the_cache_is_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATSCIML_CACHE", str(tmp_path))
+    dm = _data("disk", num_workers=2, in_process_if_cached=True)
+    dm.setup("fit")
+    assert (dm.num_workers, dm.persistent_workers) == (2, True)

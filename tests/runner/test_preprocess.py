@@ -65,3 +65,10 @@ def test_loader_defaults_keep_what_the_config_says():
         "persistent_workers": False,
         "pin_memory": False,
     }
+
+
+def test_workers_chosen_for_a_gpu_give_way_to_a_cache_that_holds_everything():
+    kwargs = apply_loader_defaults({}, {"accelerator": "gpu", "devices": 1})
+    assert kwargs.get("in_process_if_cached", False) is (kwargs["num_workers"] > 0)
+    assert "in_process_if_cached" not in apply_loader_defaults({"num_workers": 2}, {"accelerator": "gpu"})
+    assert "in_process_if_cached" not in apply_loader_defaults({}, {"accelerator": "cpu"})
