@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from matsciml.common.checks import check_int
 from matsciml.common.config import instantiate, resolve_class
 from matsciml.common.errors import ConfigError
 from matsciml.common.plain import to_plain
@@ -65,9 +66,10 @@ def _names_parameter(func: Any, name: str) -> bool:
         return False
 
 
-def _plain(value: Any) -> Any:
-    """Plain-data copy of a hyperparameter; objects are recorded by their class's import path."""
-    return to_plain(value, other=lambda v: f"{type(v).__module__}.{type(v).__qualname__}")
+def _path_or_class(value: Any) -> str:
+    """For hyperparameters: a path-like's path, else the import path of the value's class."""
+    cls = type(value)
+    return os.fspath(value) if isinstance(value, os.PathLike) else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _base(dataset: Any) -> Any:
@@ -236,10 +238,8 @@ class MatSciMLDataModule(LightningDataModule):
         from matsciml.datasets.cache import GraphCacheConfig
 
         self.graph_cache = GraphCacheConfig.parse(graph_cache)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r}: give a positive integer")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"num_workers={num_workers!r}: give an integer >= 0")
+        check_int(batch_size, "batch_size", "MatSciMLDataModule")
+        check_int(num_workers, "num_workers", "MatSciMLDataModule", minimum=0)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"seed={seed!r}: give an integer or null")
         if dset_kwargs is not None and not isinstance(dset_kwargs, Mapping):
@@ -273,7 +273,7 @@ class MatSciMLDataModule(LightningDataModule):
             if not any(isinstance(s, Path) for s in (self.val_split, self.test_split)) and not extra:
                 rank_zero_warn("dset_kwargs are ignored: the dataset is an instance and no dataset is read from a path")
         self.save_hyperparameters(
-            _plain(
+            to_plain(
                 {
                     "dataset": self.dataset,
                     "train_path": train_path,
@@ -292,7 +292,8 @@ class MatSciMLDataModule(LightningDataModule):
                     "pin_memory": pin_memory,
                     "graph_cache": self.graph_cache.as_dict(),
                     "in_process_if_cached": self.in_process_if_cached,
-                }
+                },
+                other=_path_or_class,
             )
         )
 
@@ -429,9 +430,7 @@ class MatSciMLDataModule(LightningDataModule):
         for base in bases:
             attach_graph_cache(base, self.graph_cache, self.num_workers)
         if self.in_process_if_cached and self.num_workers and all(held_for_columns(b) for b in bases):
-            rank_zero_info(
-                f"the graph cache holds every structure: loading in this process, not in {self.num_workers} workers"
-            )
+            rank_zero_info(f"graph cache holds all structures: loading in process, not in {self.num_workers} workers")
             self.num_workers, self.persistent_workers = 0, False
 
     def _validate(self) -> None:
